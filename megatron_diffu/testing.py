@@ -1,0 +1,87 @@
+"""Helpers for multi-process tests: run a function on N gloo ranks and collect the results.
+
+Every multi-process test in the suite goes through `run_distributed`, so they all get the
+same guarantees: one fresh process per rank (spawned, not forked, so no torch state leaks in),
+a free TCP port, one intra-op thread per rank (2 ranks on a 2-core CI machine), a hard
+timeout that kills every rank, and the failing rank's traceback re-raised in the test.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from typing import Any, Callable, Sequence
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence[Any], queue) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+        WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = fn(rank, *args)
+        queue.put((rank, True, result))
+    except BaseException:  # noqa: BLE001 - report everything, including SystemExit
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable, world_size: int = 2, args: Sequence[Any] = (), timeout: float = 300.0) -> list:
+    """Run `fn(rank, *args)` on `world_size` gloo ranks; return the results ordered by rank.
+
+    `fn` must be importable (a module-level function) because ranks are spawned.
+    Results must be picklable (move tensors to CPU; they are).
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, tuple(args), queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    try:
+        import queue as queue_mod
+        import time
+
+        deadline = time.monotonic() + timeout
+        while len(results) + len(errors) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"distributed test timed out after {timeout:.0f}s ({len(results)} ranks finished)")
+            try:
+                rank, ok, payload = queue.get(timeout=min(remaining, 5.0))
+            except queue_mod.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead and not errors:
+                    raise RuntimeError(f"rank process died with exit code {dead[0].exitcode} without reporting")
+                continue
+            if ok:
+                results[rank] = payload
+            else:
+                errors.append(f"--- rank {rank} ---\n{payload}")
+                break  # one failure is enough; the others may be blocked in a collective
+    finally:
+        for p in procs:
+            p.join(timeout=5 if not errors else 0.5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if errors:
+        raise RuntimeError("distributed test failed:\n" + "\n".join(errors))
+    return [results[r] for r in range(world_size)]
