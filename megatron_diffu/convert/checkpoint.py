@@ -1,0 +1,396 @@
+"""Checkpoint conversion drivers: Hugging Face folder <-> native (DCP) checkpoint, streaming.
+
+`hf_to_native(input, output, ...)`: a Qwen2/Qwen2.5(-Coder) causal LM or a Dream/DiffuCoder
+folder -> `output/iter_0000000/` (DCP, `model.<canonical name>` full tensors, run_config.yaml,
+conversion_report.json) + `output/latest_checkpointed_iteration.txt` + `output/tokenizer/`.
+`native_to_hf(input, output, ...)`: a native checkpoint at any TP/PP layout -> a Dream-layout
+Hugging Face folder (config.json with top-level rope_theta and auto_map, sharded safetensors +
+index, generation_config.json, tokenizer files, our modeling files).
+
+Memory: both directions hold one tensor group at a time (an HF shard is never loaded whole; the
+native side is written/read through DCP tensor by tensor), so the peak is about the largest
+tensor (the embedding) plus one transformer layer, not the model.
+
+Decisions (see also the module docstrings of hf.py / native_io.py):
+* The mask token. A source is "autoregressive" when its model_type is qwen2. When it carries a
+  tokenizer.json, the converted tokenizer is the Dream-compatible one built by
+  `megatron_diffu.data.tokenizer` (Qwen2.5 ids + <|beginoftext|> 151665, <|mask|> 151666,
+  <|dlm_pad|> 151667); ids the source tokenizer did not have are "new": their input AND output
+  embedding rows are set to the mean of the rows of the source tokenizer's ids (the trained
+  rows), whether or not the row existed already (Qwen pads its embedding to 151936 rows with
+  untrained rows). The embedding grows only if a new id does not fit (padded to a multiple of
+  128 x TP). The choice is recorded in conversion_report.json. Without a tokenizer, or with
+  `add_mask_token=False`, tensors are copied bit for bit.
+* Target TP/PP are validated (heads, KV groups, FFN, vocabulary divisible by TP; PP <= layers)
+  and written to run_config.yaml's `parallel:` section; the tensors themselves are full: DCP
+  reshards them into any layout on load.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import yaml
+
+from megatron_diffu.model.config import TransformerConfig
+from megatron_diffu.model.transformer import global_parameter_shapes
+
+from . import hf as H
+from .native_io import MODEL_PREFIX, NativeCheckpoint, save_lazy, write_checkpoint_atomically
+from .safetensors_io import (INDEX_NAME, SafetensorsFolder, StreamingSafetensorsWriter, plan_shards,
+                             shard_file_names)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "tokenizer.model")
+MODELING_DIR = Path(__file__).resolve().parent / "hf_modeling"
+MODELING_FILES = ("configuration_dream.py", "modeling_dream.py", "generation_utils.py")
+REPORT_NAME = "conversion_report.json"
+
+
+class Progress:
+    """Prints `label: done/total MB (rate MB/s, ETA s)` to stderr at most every `every_s` seconds."""
+
+    def __init__(self, label: str, total_bytes: int, every_s: float = 2.0, enabled: bool = True):
+        self.label, self.total, self.every, self.enabled = label, max(total_bytes, 1), every_s, enabled
+        self.done, self.t0, self.last = 0, time.perf_counter(), 0.0
+
+    def add(self, nbytes: int) -> None:
+        self.done += nbytes
+        now = time.perf_counter()
+        if self.enabled and (now - self.last >= self.every or self.done >= self.total):
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            print(f"{self.label}: {self.done / 2**20:,.0f}/{self.total / 2**20:,.0f} MB "
+                  f"({rate / 2**20:,.0f} MB/s, ETA {eta:,.0f} s)", file=sys.stderr, flush=True)
+
+
+# ============================================================================ HF -> native
+@dataclass
+class VocabPlan:
+    """How the vocabulary changes on import (recorded in the conversion report)."""
+    source_rows: int
+    target_rows: int
+    new_ids: list[int] = field(default_factory=list)
+    mean_over_rows: int = 0  # new rows = mean of rows [0, mean_over_rows)
+    tokens: dict[str, Optional[int]] = field(default_factory=dict)
+    note: str = ""
+
+
+def _plan_tokenizer(src: Path, tok_out: Path, model_type: str, rows: int, tp: int, add_mask_token: bool) -> VocabPlan:
+    """Carry the tokenizer files into `tok_out`; for an AR source make the tokenizer Dream-compatible."""
+    plan = VocabPlan(rows, rows)
+    files = [f for f in TOKENIZER_FILES if (src / f).exists()]
+    tok_out.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copy2(src / f, tok_out / f)
+    if "tokenizer.json" not in files:
+        plan.note = "no tokenizer.json in the source: tokenizer not converted, no mask token added"
+        return plan
+    from megatron_diffu.data.tokenizer import HuggingFaceTokenizer
+    from tokenizers import Tokenizer as RawTokenizer
+
+    source = RawTokenizer.from_file(str(src / "tokenizer.json"))
+    n_source = source.get_vocab_size(with_added_tokens=True)
+    tok = HuggingFaceTokenizer(str(src / "tokenizer.json"))
+    plan.tokens = {"mask_token_id": tok.mask_id, "pad_token_id": tok.pad_id, "eos_token_id": tok.eod_id,
+                   "bos_token_id": tok.bos_id if tok.bos_id is not None else tok.eod_id}
+    if model_type != "qwen2" or not add_mask_token:
+        plan.note = (f"source model_type {model_type}: tokenizer used as is" if model_type != "qwen2"
+                     else "add_mask_token=False: tokenizer and embeddings copied unchanged")
+        return plan
+    # the Dream-compatible tokenizer (data/tokenizer.py) is what training uses: write it out
+    (tok_out / "tokenizer.json").write_text(tok._tok.to_str())  # noqa: SLF001 - the tokenizers object
+    _update_tokenizer_config(tok_out / "tokenizer_config.json", tok)
+    # new = an id the source did not have, or whose token changed (Qwen3 extras replaced by Dream's)
+    changed = {i for i in range(min(n_source, tok.vocab_size)) if i >= tok.eod_id
+               and source.id_to_token(i) != tok.id_to_token(i)}
+    plan.new_ids = sorted(changed | set(range(n_source, tok.vocab_size)))
+    plan.mean_over_rows = min(plan.new_ids[0] if plan.new_ids else n_source, rows)
+    if tok.vocab_size > rows:
+        from megatron_diffu.data.tokenizer import padded_vocab_size
+        plan.target_rows = padded_vocab_size(tok.vocab_size, 128, tp)
+    plan.note = (f"autoregressive source: tokenizer made Dream-compatible; ids {plan.new_ids} are new, their input "
+                 f"and output embedding rows = mean of rows [0, {plan.mean_over_rows})")
+    return plan
+
+
+def _update_tokenizer_config(path: Path, tok) -> None:
+    """Record the added specials in tokenizer_config.json (if present) so AutoTokenizer names them."""
+    if not path.exists():
+        return
+    cfg = json.loads(path.read_text())
+    dec = cfg.setdefault("added_tokens_decoder", {})
+    for idx in range(tok.vocab_size):
+        if str(idx) in dec:
+            continue
+        content = tok.id_to_token(idx)
+        if idx >= 151643 and content is not None:  # only the special range; BPE ids are not "added"
+            dec[str(idx)] = {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
+                             "single_word": False, "special": True}
+    cfg["mask_token"] = tok.id_to_token(tok.mask_id)
+    cfg["pad_token"] = tok.id_to_token(tok.pad_id)
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+
+
+def _vocab_producer(reader: SafetensorsFolder, hf_name: str, plan: VocabPlan) -> Callable[[], torch.Tensor]:
+    def produce() -> torch.Tensor:
+        w = reader.get(hf_name)
+        if not plan.new_ids:
+            return w
+        if plan.target_rows > w.shape[0]:
+            w = torch.cat([w, w.new_zeros(plan.target_rows - w.shape[0], w.shape[1])])
+        mean = w[:plan.mean_over_rows].float().mean(dim=0).to(w.dtype)
+        w[plan.new_ids] = mean
+        return w
+    return produce
+
+
+def _native_specs(reader: SafetensorsFolder, cfg: TransformerConfig, plan: VocabPlan):
+    """{'model.<name>': (shape, dtype, producer)} in HF file order."""
+    shapes = global_parameter_shapes(cfg)
+    specs = {}
+    for native, hf_names in H.name_pairs(cfg):
+        dtype = reader.info(hf_names[0]).dtype
+        if native in (H.EMBED, H.OUTPUT):
+            prod = _vocab_producer(reader, hf_names[0], plan)
+        else:
+            prod = (lambda n=native, hs=hf_names: H.to_native(n, [reader.get(h) for h in hs], cfg))
+        specs[MODEL_PREFIX + native] = (torch.Size(shapes[native]), dtype, prod)
+    return specs
+
+
+def hf_to_native(input_dir: Path, output_dir: Path, tp: int = 1, pp: int = 1, add_mask_token: bool = True,
+                 progress: bool = True) -> Path:
+    """Convert a Hugging Face folder into a native checkpoint; returns the iteration directory."""
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    hf_cfg = H.read_hf_config(input_dir)
+    where = str(input_dir / "config.json")
+    model_type = H.check_architecture(hf_cfg, where)
+    cfg = H.transformer_config_from_hf(hf_cfg, where)
+    reader = SafetensorsFolder(input_dir)
+    H.check_hf_tensors({n: t.shape for n, t in reader.tensors.items()}, cfg, str(input_dir))
+    dtypes = {t.dtype for t in reader.tensors.values()}
+    cfg.bf16 = dtypes == {torch.bfloat16}
+
+    tok_tmp = output_dir / f"tokenizer.tmp-{os.getpid()}"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if (output_dir / "tokenizer").exists():
+        raise FileExistsError(f"{output_dir}/tokenizer already exists; choose an empty --output directory")
+    plan = _plan_tokenizer(input_dir, tok_tmp, model_type, cfg.vocab_size, tp, add_mask_token)
+    cfg.vocab_size = plan.target_rows
+    try:
+        cfg.validate(tp, pp)
+    except ValueError as e:
+        shutil.rmtree(tok_tmp, ignore_errors=True)
+        raise ValueError(f"target layout TP={tp} PP={pp} does not divide the model from {where}: {e}") from None
+
+    specs = _native_specs(reader, cfg, plan)
+    total = sum(t.nbytes for t in reader.tensors.values())
+    bar = Progress("hf-to-native", total, enabled=progress)
+    report = _import_report(input_dir, model_type, cfg, plan, tp, pp)
+
+    def fill(tmp: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            save_lazy(tmp, specs, on_tensor=lambda _n, t: bar.add(t.numel() * t.element_size()))
+        run_config = {"model": cfg.to_dict(),
+                      "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}}
+        (tmp / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
+
+    try:
+        it_dir = write_checkpoint_atomically(output_dir, 0, fill)
+    finally:
+        if tok_tmp.exists() and not (output_dir / "tokenizer").exists():
+            os.replace(tok_tmp, output_dir / "tokenizer")
+    return it_dir
+
+
+def _import_report(src: Path, model_type: str, cfg: TransformerConfig, plan: VocabPlan, tp: int, pp: int) -> dict:
+    return {"direction": "hf-to-native", "source": str(src.resolve()), "source_model_type": model_type,
+            "target_tensor_model_parallel_size": tp, "target_pipeline_model_parallel_size": pp,
+            "vocab": {"source_rows": plan.source_rows, "target_rows": plan.target_rows, "new_ids": plan.new_ids,
+                      "new_row_init": (f"mean of input/output embedding rows [0, {plan.mean_over_rows})"
+                                       if plan.new_ids else None), "note": plan.note},
+            "special_tokens": plan.tokens, "tokenizer_dir": "../tokenizer", "num_parameters": cfg.num_parameters()}
+
+
+# ============================================================================ native -> HF
+def load_run_config(it_dir: Path) -> tuple[TransformerConfig, dict]:
+    path = it_dir / "run_config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the model shape cannot be recovered from the tensors alone "
+                                f"(head count); copy the run config of the training run there")
+    data = yaml.safe_load(path.read_text()) or {}
+    section = data.get("model")
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: no 'model:' section (TransformerConfig fields)")
+    known = set(TransformerConfig.__dataclass_fields__)
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ValueError(f"{path}: model section has unknown field(s) {unknown}")
+    return TransformerConfig(**section).validate(), data
+
+
+def _check_native_shapes(ck: NativeCheckpoint, cfg: TransformerConfig) -> None:
+    expected = global_parameter_shapes(cfg)
+    missing = [n for n in expected if n not in ck.shapes]
+    if missing:
+        raise ValueError(f"{ck.dir}: checkpoint lacks model tensor(s) {missing[:4]} required by run_config.yaml")
+    for n, shape in expected.items():
+        if tuple(ck.shapes[n]) != tuple(shape):
+            raise ValueError(f"{ck.dir}: model.{n} has shape {tuple(ck.shapes[n])}, run_config.yaml implies {shape}")
+
+
+def _find_tokenizer_dir(it_dir: Path, run_config: dict, override: Optional[Path]) -> Optional[Path]:
+    candidates = [override] if override else []
+    candidates += [it_dir / "tokenizer", it_dir.parent / "tokenizer"]
+    model_path = (run_config.get("data") or {}).get("tokenizer_model")
+    if model_path:
+        p = Path(model_path)
+        candidates.append(p if p.is_dir() else p.parent)
+    return next((c for c in candidates if c and (c / "tokenizer.json").exists()), None)
+
+
+def _special_tokens(tok_dir: Optional[Path], vocab: int, overrides: dict[str, Optional[int]]) -> SpecialTokensT:
+    ids: dict[str, Optional[int]] = {}
+    if tok_dir is not None:
+        from megatron_diffu.data.tokenizer import HuggingFaceTokenizer
+        tok = HuggingFaceTokenizer(str(tok_dir / "tokenizer.json"))
+        ids = {"mask_token_id": tok.mask_id, "pad_token_id": tok.eod_id, "eos_token_id": tok.eod_id,
+               "bos_token_id": tok.bos_id if tok.bos_id is not None else tok.eod_id}
+    else:  # Dream/DiffuCoder ids, when they exist in this vocabulary
+        ids = {k: v for k, v in (("mask_token_id", 151666), ("pad_token_id", 151643), ("eos_token_id", 151643),
+                                 ("bos_token_id", 151643)) if v < vocab}
+    ids.update({k: v for k, v in overrides.items() if v is not None})
+    for k, v in ids.items():
+        if v is not None and not 0 <= v < vocab:
+            raise ValueError(f"{k}={v} is outside the vocabulary (size {vocab}); pass --{k.replace('_', '-')}")
+    return H.SpecialTokens(**{k: ids.get(k) for k in ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id")})
+
+
+SpecialTokensT = H.SpecialTokens
+
+
+def _hf_entries(ck: NativeCheckpoint, cfg: TransformerConfig, dtype: Optional[torch.dtype]):
+    shapes = H.hf_shapes(cfg)
+    entries = []
+    for native, hf_names in H.name_pairs(cfg):
+        dt = dtype or ck.dtypes[native]
+        entries += [(h, dt, shapes[h]) for h in hf_names]
+    return entries
+
+
+class _ShardedWriter:
+    """Feeds tensors in order into consecutive StreamingSafetensorsWriters."""
+
+    def __init__(self, tmp: Path, entries, max_shard_bytes: int):
+        self.groups = plan_shards(entries, max_shard_bytes)
+        self.names = shard_file_names(len(self.groups))
+        self.entries, self.tmp = entries, tmp
+        self.weight_map = {entries[i][0]: self.names[s] for s, g in enumerate(self.groups) for i in g}
+        self.shard, self.writer = -1, None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self.writer is None or self.writer._next == len(self.writer.entries):  # noqa: SLF001
+            if self.writer is not None:
+                self.writer.close()
+            self.shard += 1
+            self.writer = StreamingSafetensorsWriter(self.tmp / self.names[self.shard],
+                                                     [self.entries[i] for i in self.groups[self.shard]])
+        self.writer.write(name, tensor)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if len(self.names) > 1:
+            total = sum(_nbytes(dt, sh) for _, dt, sh in self.entries)
+            (self.tmp / INDEX_NAME).write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": self.weight_map}, indent=2))
+
+
+def _nbytes(dtype: torch.dtype, shape) -> int:
+    n = torch.empty((), dtype=dtype).element_size()
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def native_to_hf(input_dir: Path, output_dir: Path, max_shard_size: str = "5GB", dtype: Optional[str] = None,
+                 tokenizer_dir: Optional[Path] = None, token_ids: Optional[dict] = None,
+                 progress: bool = True) -> Path:
+    """Export a native checkpoint (any TP/PP layout) as a Dream-layout Hugging Face folder."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        return _native_to_hf(Path(input_dir), Path(output_dir), parse_size(max_shard_size),
+                             H.dtype_from_name(dtype) if dtype else None, tokenizer_dir, token_ids or {}, progress)
+
+
+def _native_to_hf(input_dir, output_dir, max_shard, dtype, tokenizer_dir, token_ids, progress) -> Path:
+    ck = NativeCheckpoint(input_dir)
+    cfg, run_config = load_run_config(ck.dir)
+    _check_native_shapes(ck, cfg)
+    tok_dir = _find_tokenizer_dir(ck.dir, run_config, Path(tokenizer_dir) if tokenizer_dir else None)
+    tokens = _special_tokens(tok_dir, cfg.vocab_size, token_ids)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise FileExistsError(f"{output_dir} exists and is not empty; choose a new --output directory")
+    tmp = output_dir.with_name(f"{output_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        entries = _hf_entries(ck, cfg, dtype)
+        out_dtype = entries[0][1]
+        writer = _ShardedWriter(tmp, entries, max_shard)
+        bar = Progress("native-to-hf", sum(_nbytes(dt, sh) for _, dt, sh in entries), enabled=progress)
+        for group in H.iter_native_groups(cfg):
+            loaded = ck.load([n for n, _ in group])
+            for native, hf_names in group:
+                for h, t in zip(hf_names, H.to_hf(native, loaded.pop(native), cfg)):
+                    t = t.to(dtype) if dtype else t
+                    writer.write(h, t)
+                    bar.add(t.numel() * t.element_size())
+        writer.close()
+        _write_hf_metadata(tmp, cfg, tokens, out_dtype, tok_dir, ck.dir)
+        if output_dir.exists():
+            output_dir.rmdir()
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def _write_hf_metadata(tmp: Path, cfg: TransformerConfig, tokens, dtype, tok_dir: Optional[Path], src: Path) -> None:
+    (tmp / "config.json").write_text(json.dumps(H.hf_config_from_transformer(cfg, tokens, dtype), indent=2))
+    gen = {"bos_token_id": tokens.bos_token_id, "eos_token_id": tokens.eos_token_id,
+           "pad_token_id": tokens.pad_token_id, "mask_token_id": tokens.mask_token_id,
+           "alg": "entropy", "steps": 256, "eps": 1e-3, "temperature": 0.0, "max_new_tokens": 256}
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    for f in MODELING_FILES:
+        shutil.copy2(MODELING_DIR / f, tmp / f)
+    if tok_dir is not None:
+        for f in TOKENIZER_FILES:
+            if (tok_dir / f).exists():
+                shutil.copy2(tok_dir / f, tmp / f)
+    (tmp / REPORT_NAME).write_text(json.dumps({"direction": "native-to-hf", "source": str(src.resolve()),
+                                               "tokenizer_dir": str(tok_dir) if tok_dir else None,
+                                               "special_tokens": tokens.__dict__}, indent=2))
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB', '1000000' -> bytes."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = str(text).strip().upper()
+    for u in sorted(units, key=len, reverse=True):
+        if t.endswith(u):
+            return int(float(t[: -len(u)]) * units[u])
+    return int(t)

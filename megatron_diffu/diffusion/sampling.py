@@ -1,0 +1,459 @@
+"""Masked-diffusion sampling with Dream's `diffusion_generate` semantics, plus measured fast paths.
+
+ALGORITHMS.md sec. 4. One call decodes a batch of prompts:
+
+* ``x = left-padded prompt + N mask tokens``; with padding the attention is pairwise
+  ``a_i AND a_j`` ([B, 1, L, L] bool) and ``position_ids = cumsum(a) - 1`` (clamped at 0 on the
+  padding, whose positions never matter); without padding the mask is None (all attend to all).
+* timesteps ``tau = linspace(1, eps, S + 1)``; at step i (t = tau_i, s = tau_{i+1}) the model's
+  (already shifted) logits of the masked positions are filtered (temperature, then top-p, then
+  top-k), a token is sampled (T > 0) or taken by argmax (T = 0) together with a confidence
+  (``maskgit_plus``: p of that token; ``topk_margin``: p1 - p2; ``entropy``: sum p log p), and
+  ``k = int(#masked * (1 - s / t))`` positions are revealed (all remaining at the last step):
+  the top-k by confidence, or k drawn without replacement from ``softmax(conf / alg_temp)``.
+  ``origin`` reveals each masked position independently with probability ``1 - s/t``.
+
+Decisions beyond Dream (documented here because callers depend on them):
+
+* **Randomness** is owned per prompt: row b draws from its own ``torch.Generator`` seeded by
+  ``row_seed(cfg.seed, sample_index[b])`` (``sample_index`` defaults to ``range(B)``), so a
+  prompt decodes the same alone or inside any batch, on any TP layout. Per step and row the
+  draws are, in order: (origin) ``rand(#masked)`` for the transfer coin flips, then
+  ``multinomial`` over the transferred positions' probabilities; (other algs) ``multinomial``
+  over every masked position's probabilities (T > 0 only), then ``multinomial`` for the
+  positions when ``alg_temp > 0``. An explicit ``generator=`` replaces the per-row generators
+  (rows then draw from it in row order; batch and alone no longer agree).
+* **k is per row** (``#masked_in_row``); Dream divides the batch total by B, identical whenever
+  rows hold equal mask counts (always, unless a hook edits tokens).
+* Sampling math runs in fp32 whatever the model's compute dtype.
+* **Blocks** (``block_length``): the N new tokens form ``N / block_length`` blocks decoded left
+  to right, ``steps / num_blocks`` steps each with its own ``linspace(1, eps, .)`` schedule; only
+  the current block's masks are candidates and counted (LLaDA's semi-AR rule).
+* **Threshold** (Fast-dLLM parallel decoding): instead of the schedule's k, a step reveals every
+  candidate whose confidence exceeds ``threshold`` and at least the most confident one; a block
+  ends as soon as it has no masks, and its last allotted step reveals everything left, so
+  ``steps`` stays an upper bound on forward passes. The threshold is compared with the alg's own
+  confidence (entropy confidences are <= 0). Not allowed with ``origin`` or ``alg_temp > 0``.
+* **Cache** (``use_cache``, Fast-dLLM prefix cache, approximate): at the first step of every
+  block one full forward also returns the keys/values; the next steps of that block run only
+  positions ``[block_start - 1, L)`` with the keys/values of ``[0, block_start - 1)`` as
+  ``prefix_kv``. Position ``block_start - 1`` is recomputed because the shifted head predicts
+  token ``block_start`` from that hidden state. The prefix is stale (it was computed while the
+  block was masked), hence approximate; ``benchmarks/sampling.py`` measures the agreement.
+* Stop handling: ``completions[b]`` is row b's new tokens cut before the first ``stop_ids``
+  token; ``sequences`` keep everything.
+* Tensor parallel: the vocab-sharded logits of the candidate positions are all-gathered over
+  ``grid.tp_group`` (sampling needs the full distribution, top-p a full sort); every TP rank
+  holds the same generators and therefore reveals the same tokens.
+* Pipeline parallel: every stage runs the same step loop; hidden states go stage to stage with
+  send/recv, the last stage samples, and the new tokens are broadcast over ``grid.pp_group``.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+
+LogitsHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+TokensHook = Callable[[Optional[int], torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+@dataclass
+class SamplingConfig:
+    """Sampler options (flags derive from the names: ``--max-new-tokens`` ...)."""
+
+    max_new_tokens: int = 256
+    steps: int = 256
+    temperature: float = 0.0
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    alg: str = "entropy"  # DiffuCoder's choice; Dream's library default is "origin"
+    alg_temp: Optional[float] = None
+    eps: float = 1e-3
+    block_length: Optional[int] = None
+    threshold: Optional[float] = None
+    use_cache: bool = False
+    seed: int = 0
+
+    def validate(self) -> "SamplingConfig":
+        errors = []
+        if self.max_new_tokens < 1:
+            errors.append(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+        if self.steps < 1:
+            errors.append(f"steps={self.steps}: must be >= 1")
+        if self.alg not in ALGS:
+            errors.append(f"alg={self.alg!r}: choose one of {', '.join(ALGS)}")
+        if self.temperature < 0:
+            errors.append(f"temperature={self.temperature}: must be >= 0 (0 = argmax)")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            errors.append(f"top_p={self.top_p}: must be in (0, 1] (or unset)")
+        if self.top_k is not None and self.top_k < 1:
+            errors.append(f"top_k={self.top_k}: must be >= 1 (or unset)")
+        if self.alg_temp is not None and self.alg_temp < 0:
+            errors.append(f"alg_temp={self.alg_temp}: must be >= 0 (0/unset = top-k by confidence)")
+        if not 0 < self.eps < 1:
+            errors.append(f"eps={self.eps}: must be in (0, 1)")
+        if self.block_length is not None:
+            if self.block_length < 1 or self.max_new_tokens % self.block_length:
+                errors.append(f"block_length={self.block_length}: must divide max_new_tokens={self.max_new_tokens}")
+            else:
+                nb = self.max_new_tokens // self.block_length
+                if self.steps % nb:
+                    errors.append(f"steps={self.steps}: must be a multiple of the number of blocks "
+                                  f"max_new_tokens/block_length = {nb}")
+        if self.threshold is not None:
+            if self.alg == "origin":
+                errors.append("threshold: needs a confidence, so alg must be maskgit_plus, topk_margin or entropy (not origin)")
+            if self.alg_temp:
+                errors.append(f"threshold with alg_temp={self.alg_temp}: threshold decoding picks by confidence; unset alg_temp")
+        if errors:
+            raise ValueError("invalid SamplingConfig: " + "; ".join(errors))
+        return self
+
+    @property
+    def num_blocks(self) -> int:
+        return self.max_new_tokens // (self.block_length or self.max_new_tokens)
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor            # [B, P + N] left-padded prompts + new tokens
+    completions: list[list[int]]       # per prompt: new tokens cut before the first stop id
+    reveal_step: torch.Tensor          # [B, N] long: step at which each new token was revealed (-1: never)
+    prompt_length: int                 # P (padded prompt length)
+    history: Optional[list[torch.Tensor]] = None  # x after every step (output_history=True)
+    nfe: int = 0                       # model forward passes
+    elapsed_s: float = 0.0
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.stats.get("tokens_per_s", 0.0)
+
+
+# --------------------------------------------------------------------------- randomness
+def row_seed(seed: int, sample_index: int) -> int:
+    """Seed of prompt `sample_index`'s generator: a hash, so nearby seeds do not share streams."""
+    digest = hashlib.sha256(f"megatron_diffu.sampling:{int(seed)}:{int(sample_index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _row_generators(cfg: SamplingConfig, batch: int, sample_index: Optional[Sequence[int]],
+                    generator: Optional[torch.Generator], device: torch.device) -> list[torch.Generator]:
+    if generator is not None:
+        return [generator] * batch
+    ids = list(range(batch)) if sample_index is None else [int(i) for i in sample_index]
+    if len(ids) != batch:
+        raise ValueError(f"sample_index has {len(ids)} entries for {batch} prompts")
+    return [torch.Generator(device=device).manual_seed(row_seed(cfg.seed, i)) for i in ids]
+
+
+# --------------------------------------------------------------------------- token math
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest prefix of the sorted vocabulary whose mass reaches top_p (>= 1 token)."""
+    sorted_logits, order = torch.sort(logits, descending=True)
+    cum = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1)
+    drop_sorted = cum > top_p
+    drop_sorted[..., 1:] = drop_sorted[..., :-1].clone()  # keep the token that crosses top_p
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    return logits.masked_fill(drop, torch.finfo(logits.dtype).min)
+
+
+def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, torch.finfo(logits.dtype).min)
+
+
+def filtered_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """fp32 probabilities after temperature, then top-p, then top-k (Dream's order)."""
+    logits = logits.float()
+    if cfg.temperature > 0:
+        logits = logits / cfg.temperature
+    if cfg.top_p is not None and cfg.top_p < 1:
+        logits = top_p_filter(logits, cfg.top_p)
+    if cfg.top_k is not None:
+        logits = top_k_filter(logits, cfg.top_k)
+    return torch.softmax(logits, dim=-1)
+
+
+def sample_and_confidence(probs: torch.Tensor, cfg: SamplingConfig,
+                          gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens [n] and their confidence [n] for one row's candidate positions."""
+    if cfg.temperature > 0:
+        x0 = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        conf = probs.gather(-1, x0[:, None]).squeeze(-1)
+    else:
+        conf, x0 = probs.max(dim=-1)
+    if cfg.alg == "topk_margin":
+        top2 = torch.topk(probs, 2, dim=-1).values
+        conf = top2[:, 0] - top2[:, 1]
+    elif cfg.alg == "entropy":
+        conf = (probs * torch.log(probs + 1e-10)).sum(dim=-1)
+    return x0, conf
+
+
+def schedule_count(masked: int, t: torch.Tensor, s: torch.Tensor, last: bool) -> int:
+    """Dream's k = int(#masked * (1 - s/t)) in fp32 (all remaining at the last step)."""
+    if last:
+        return masked
+    return int((torch.tensor(float(masked)) * (1 - s / t)).item())
+
+
+def _reveal_row(probs: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator, t: torch.Tensor,
+                s: torch.Tensor, last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row's step for the confidence algs: (indices into the candidates to reveal, their tokens)."""
+    n = probs.shape[0]
+    x0, conf = sample_and_confidence(probs, cfg, gen)
+    if cfg.threshold is not None:
+        if last:
+            chosen = torch.arange(n, device=probs.device)
+        else:
+            above = conf > cfg.threshold
+            above[conf.argmax()] = True  # at least one token per step
+            chosen = above.nonzero().squeeze(-1)
+        return chosen, x0[chosen]
+    k = schedule_count(n, t, s, last)
+    if k <= 0:
+        return x0[:0].long(), x0[:0]
+    if not cfg.alg_temp:
+        chosen = torch.topk(conf, k).indices
+    else:
+        chosen = torch.multinomial(torch.softmax(conf / cfg.alg_temp, dim=-1), k, generator=gen)
+    return chosen, x0[chosen]
+
+
+# --------------------------------------------------------------------------- model plumbing
+def _model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def build_batch(prompts: Sequence[Sequence[int]], max_new_tokens: int, mask_id: int, pad_id: int,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``[prompt | N masks]`` ids [B, L] and the real-token mask [B, L] bool."""
+    if not prompts:
+        raise ValueError("diffusion_generate: no prompts given")
+    for b, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {b} is empty: the shifted head needs at least one prompt token at position 0")
+    P = max(len(p) for p in prompts)
+    B, L = len(prompts), P + max_new_tokens
+    x = torch.full((B, L), mask_id, dtype=torch.long)
+    real = torch.ones((B, L), dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        x[b, :P - len(p)] = pad_id
+        x[b, P - len(p):P] = torch.as_tensor(list(p), dtype=torch.long)
+        real[b, :P - len(p)] = False
+    return x.to(device), real.to(device)
+
+
+class _Forward:
+    """The model call for one generation: masks, positions, TP gather, PP hand-off, KV cache."""
+
+    def __init__(self, model: Any, real: torch.Tensor, grid: Any):
+        self.model, self.grid = model, grid
+        self.padded = not bool(real.all())
+        B, L = real.shape
+        if self.padded:
+            self.pos = (real.long().cumsum(-1) - 1).clamp_min(0)
+            self.pair = real[:, None, :, None] & real[:, None, None, :]
+        else:
+            self.pos = torch.arange(L, device=real.device).expand(B, L)
+            self.pair = None
+        self.tp_group = getattr(grid, "tp_group", None) if grid is not None else None
+        self.tp = _group_size(self.tp_group)
+        self.pp = getattr(grid, "pp_size", 1) if grid is not None else 1
+        self.nfe = 0
+
+    def __call__(self, x: torch.Tensor, start: int = 0, prefix_kv: Optional[list] = None,
+                 return_kv: bool = False) -> tuple[Optional[torch.Tensor], Optional[list]]:
+        """Logits for positions [start, L) (None on non-last PP stages) and optionally the kv."""
+        ids = x[:, start:]
+        kwargs: dict[str, Any] = {}
+        if self.pair is not None:  # without padding None = every query sees every key (prefix too)
+            kwargs["attention_mask"] = self.pair[:, :, start:, :]
+        if self.padded or start > 0:
+            kwargs["position_ids"] = self.pos[:, start:]
+        if prefix_kv is not None:
+            kwargs["prefix_kv"] = prefix_kv
+        if return_kv:
+            kwargs["return_kv"] = True
+        self.nfe += 1
+        if self.pp > 1:
+            out = self._pipeline_forward(ids, kwargs)
+        else:
+            out = self.model(ids, **kwargs)
+        kv = None
+        if return_kv:
+            out, kv = out
+        return out, kv
+
+    def _pipeline_forward(self, ids: torch.Tensor, kwargs: dict) -> Any:
+        grid, model = self.grid, self.model
+        if grid.is_first_stage:
+            out = model(ids, **kwargs)
+        else:
+            shape = model.stage_output_shape(ids.shape[0], ids.shape[1])
+            hidden = torch.empty(shape, dtype=_model_dtype(model), device=ids.device)
+            dist.recv(hidden, src=grid.prev_rank)
+            out = model(None, hidden_states=hidden, **kwargs)
+        if not grid.is_last_stage:
+            h, kv = out if kwargs.get("return_kv") else (out, None)
+            dist.send(h.contiguous(), dst=grid.next_rank)
+            return (None, kv) if kwargs.get("return_kv") else None
+        return out
+
+    def gather_vocab(self, logits_local: torch.Tensor) -> torch.Tensor:
+        """[n, V/tp] -> [n, V] over the TP group (identical on every TP rank)."""
+        if self.tp == 1:
+            return logits_local
+        parts = [torch.empty_like(logits_local) for _ in range(self.tp)]
+        dist.all_gather(parts, logits_local.contiguous(), group=self.tp_group)
+        return torch.cat(parts, dim=-1)
+
+    def share_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """PP: the last stage's x goes to every stage of this pipeline."""
+        if self.pp == 1:
+            return x
+        dist.broadcast(x, src=self.grid.pp_ranks[-1], group=self.grid.pp_group)
+        return x
+
+
+def _group_size(group: Any) -> int:
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def _model_dtype(model: Any) -> torch.dtype:
+    cfg = getattr(model, "config", None) or getattr(model, "cfg", None)
+    dt = getattr(cfg, "params_dtype", None)
+    if isinstance(dt, torch.dtype):
+        return dt
+    try:
+        return next(model.parameters()).dtype
+    except (AttributeError, StopIteration):
+        return torch.float32
+
+
+# --------------------------------------------------------------------------- the sampler
+@torch.no_grad()
+def diffusion_generate(model: Any, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, mask_id: int,
+                       pad_id: int, stop_ids: Sequence[int] = (), grid: Any = None, output_history: bool = False,
+                       logits_hook: Optional[LogitsHook] = None, tokens_hook: Optional[TokensHook] = None,
+                       generator: Optional[torch.Generator] = None,
+                       sample_index: Optional[Sequence[int]] = None) -> GenerationOutput:
+    """Decode ``cfg.max_new_tokens`` tokens after each prompt (see the module docstring).
+
+    ``model(input_ids, attention_mask=, position_ids=[, prefix_kv=, return_kv=])`` must return the
+    (shifted, possibly vocab-sharded) logits [B, S, V/tp]. Hooks follow Dream:
+    ``logits_hook(step, x, logits) -> logits`` sees the model output of this step (positions
+    ``[L - logits.shape[1], L)``; vocab-sharded under TP) and ``tokens_hook(step, x, logits) -> x``
+    runs once before the loop (step None) and after every step.
+    """
+    cfg.validate()
+    t0 = time.perf_counter()
+    device = _model_device(model)
+    N = cfg.max_new_tokens
+    x, real = build_batch(prompts, N, mask_id, pad_id, device)
+    B, L = x.shape
+    P = L - N
+    fwd = _Forward(model, real, grid)
+    gens = _row_generators(cfg, B, sample_index, generator, device)
+    last_stage = grid is None or getattr(grid, "pp_size", 1) == 1 or grid.is_last_stage
+    reveal = torch.full((B, N), -1, dtype=torch.long, device=device)
+    history: Optional[list[torch.Tensor]] = [] if output_history else None
+    if tokens_hook is not None:
+        x = tokens_hook(None, x, None)
+    block_len = cfg.block_length or N
+    steps_per_block = cfg.steps // cfg.num_blocks
+    step = 0
+    for blk in range(cfg.num_blocks):
+        lo, hi = P + blk * block_len, P + (blk + 1) * block_len
+        taus = torch.linspace(1, cfg.eps, steps_per_block + 1)
+        prefix_kv = None
+        for i in range(steps_per_block):
+            cand = x[:, lo:hi] == mask_id  # [B, block]
+            if not bool(cand.any()):
+                break  # nothing left to reveal: identical outcome, no wasted forward
+            if cfg.use_cache and prefix_kv is not None:
+                logits, _ = fwd(x, start=lo - 1, prefix_kv=prefix_kv)
+            else:
+                logits, kv = fwd(x, return_kv=cfg.use_cache)
+                if cfg.use_cache:
+                    prefix_kv = [(k[:, :, :lo - 1], v[:, :, :lo - 1]) for k, v in kv]
+            before = x[:, P:] == mask_id
+            if last_stage:
+                if logits_hook is not None:
+                    logits = logits_hook(step, x, logits)
+                off = L - logits.shape[1]
+                x = _step(x, logits[:, lo - off:hi - off], cand, lo, fwd, gens, cfg,
+                          taus[i], taus[i + 1], i == steps_per_block - 1)
+            x = fwd.share_tokens(x)
+            if tokens_hook is not None:
+                x = tokens_hook(step, x, logits)
+            reveal[before & (x[:, P:] != mask_id)] = step
+            if history is not None:
+                history.append(x.clone())
+            step += 1
+    elapsed = time.perf_counter() - t0
+    return _finish(x, P, reveal, history, fwd.nfe, elapsed, stop_ids, B, N)
+
+
+def _step(x: torch.Tensor, block_logits: torch.Tensor, cand: torch.Tensor, lo: int, fwd: _Forward,
+          gens: list[torch.Generator], cfg: SamplingConfig, t: torch.Tensor, s: torch.Tensor,
+          last: bool) -> torch.Tensor:
+    """One reveal step for every row: gather the candidates' logits once, decide row by row."""
+    full = fwd.gather_vocab(block_logits[cand])  # [n_total, V], rows in (row, position) order
+    probs_all = filtered_probs(full, cfg) if cfg.alg != "origin" else None
+    x = x.clone()
+    start = 0
+    for b in range(x.shape[0]):
+        pos = cand[b].nonzero().squeeze(-1)
+        n = pos.numel()
+        if n == 0:
+            continue
+        if probs_all is not None:
+            probs = probs_all[start:start + n]
+        else:  # origin: filter only what it samples (same values, fewer rows)
+            probs = full[start:start + n]
+        start += n
+        if cfg.alg == "origin":
+            chosen, _ = _origin_positions(n, t, s, last, gens[b], probs.device)
+            if chosen.numel():
+                tokens, _ = sample_and_confidence(filtered_probs(probs[chosen], cfg), cfg, gens[b])
+                x[b, lo + pos[chosen]] = tokens
+            continue
+        chosen, tokens = _reveal_row(probs, cfg, gens[b], t, s, last)
+        if chosen.numel():
+            x[b, lo + pos[chosen]] = tokens
+    return x
+
+
+def _origin_positions(n: int, t: torch.Tensor, s: torch.Tensor, last: bool, gen: torch.Generator,
+                      device: torch.device) -> tuple[torch.Tensor, None]:
+    p_transfer = 1.0 if last else float((1 - s / t).item())
+    return (torch.rand(n, generator=gen, device=device) < p_transfer).nonzero().squeeze(-1), None
+
+
+def _finish(x: torch.Tensor, P: int, reveal: torch.Tensor, history: Optional[list], nfe: int, elapsed: float,
+            stop_ids: Sequence[int], B: int, N: int) -> GenerationOutput:
+    stops = set(int(s) for s in stop_ids)
+    completions = []
+    for row in x[:, P:].tolist():
+        cut = next((j for j, tok in enumerate(row) if tok in stops), len(row))
+        completions.append(row[:cut])
+    stats = {"tokens_per_s": B * N / max(elapsed, 1e-9), "nfe": float(nfe), "elapsed_s": elapsed,
+             "new_tokens": float(B * N)}
+    return GenerationOutput(sequences=x, completions=completions, reveal_step=reveal, prompt_length=P,
+                            history=history, nfe=nfe, elapsed_s=elapsed, stats=stats)

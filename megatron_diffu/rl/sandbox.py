@@ -1,0 +1,355 @@
+"""Run untrusted, model-written Python and report what happened.
+
+Threat model
+------------
+The code comes from a language model (evaluation samples, RL rollouts). We assume it may be
+buggy or, by accident or by reward hacking, hostile: infinite loops, fork/memory/output bombs,
+writing or deleting files, opening sockets, signalling its parent, reading the parent's
+environment, `sys.exit(0)` / `os._exit(0)` before the tests run. It is *not* assumed to carry
+kernel exploits: the sandbox relies on the Linux kernel (namespaces, rlimits, uid checks), it is
+not a VM. Machines here (and many cluster nodes) run jobs as root, where file permissions protect
+nothing, so isolation cannot rest on permissions alone.
+
+What each run gets ("jail" mode, used automatically where `unshare` works; checked once per
+process by running a probe program):
+- `unshare --mount --net --pid --ipc --uts --fork` (plus `--user --map-root-user` when the caller
+  is not root): a new network namespace with no interfaces up (every connect fails), a new pid
+  namespace (the program sees only its own processes and cannot signal ours; when it ends, the
+  kernel kills everything it left behind, even processes that called setsid), a private mount
+  namespace.
+- A fresh root file system on a size-limited tmpfs (`disk_mb`): read-only binds of /usr, /lib*,
+  /etc and the Python installation, /dev/{null,zero,full,random,urandom}, a fresh /proc
+  (hidepid=2), writable /tmp and /sandbox (the working directory). The host's files (the
+  checkout, /root, /tmp, /work, ...) are not visible at all; whatever the program writes vanishes
+  with the namespace. The host-side temporary directory is removed afterwards.
+- As real root: the program runs under a fresh unprivileged uid/gid (random per run, no
+  supplementary groups, no capabilities, no_new_privs), so it cannot remount, chroot out, or
+  touch root-owned files, and `RLIMIT_NPROC` counts only *its own* processes (a fork bomb is
+  capped at `max_procs` per run, without starving concurrent runs).
+- rlimits: address space (`memory_mb`, per process), CPU seconds (SIGXCPU), file size, open
+  files, core dumps off. A wall-clock timeout kills the whole process group (`killpg`).
+- stdin is /dev/null; stdout/stderr are read incrementally and the run is killed once either
+  exceeds `max_output_bytes`; the environment is a fixed minimal one (no parent variables);
+  Python runs isolated (`-I`: no PYTHON* variables, no user site, no cwd on sys.path).
+- A run counts as *passed* only when the program reached its last line: the runner writes a
+  nonce (which is not in the program's source) to a pipe after the program's code returns, so a
+  completion that calls `sys.exit(0)` or `os._exit(0)` before the appended tests is a failure.
+  Deliberate introspection of the runner's frame could still forge it; that is outside the model.
+- A concurrency limit (process-wide semaphore, `set_max_concurrency`) bounds the machine's load.
+
+Fallback ("basic" mode, when namespaces are unavailable, e.g. an unprivileged container; a
+warning is logged): fresh session + killpg, rlimits (NPROC only for non-root), temp working
+directory, minimal environment, closed stdin, output caps, and sockets refused by patching the
+`socket` module in the runner. This is best effort only: files outside the directory are
+protected only by permissions, a program can escape killpg with setsid, and ctypes can bypass
+the socket patch. Force a mode with MDIFFU_SANDBOX_MODE=jail|basic.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+STATUSES = ("passed", "failed", "timeout", "crashed", "resource_limit")
+_LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_launcher.py")
+_UID_RANGE = (1 << 20, (1 << 31) - 2)  # far from system and human uids; random per run
+
+
+class SandboxSetupError(RuntimeError):
+    """The sandbox itself could not be built (not the program's fault): never scored as a fail."""
+
+
+@dataclass
+class SandboxResult:
+    """What happened to one program.
+
+    status: passed (ran to its end, exit 0) | failed (exception, assertion, non-zero exit, exited
+    early) | timeout (wall or CPU limit) | crashed (killed by a signal, e.g. segfault) |
+    resource_limit (memory, file size, output cap).
+    """
+
+    status: str
+    returncode: Optional[int]
+    stdout: str
+    stderr: str
+    error: str
+    duration_s: float
+    sandbox_uid: Optional[int] = None  # jail mode as root: the uid the program ran under
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_semaphore_lock = threading.Lock()
+_semaphore = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+_mode_cache: Optional[str] = None
+
+
+def set_max_concurrency(n: int) -> None:
+    """At most `n` sandboxed programs run at once in this process (default: number of CPUs)."""
+    global _semaphore
+    if n < 1:
+        raise ValueError(f"max concurrency must be >= 1, got {n}")
+    with _semaphore_lock:
+        _semaphore = threading.BoundedSemaphore(n)
+
+
+def _python_prefixes() -> list[str]:
+    exe_prefix = os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))
+    found = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, exe_prefix)}
+    return sorted(found, key=len)
+
+
+def _minimal_env(home: str) -> dict:
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": "/tmp" if home == "/sandbox" else home,
+            "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
+
+
+def _unshare_argv() -> list[str]:
+    exe = shutil.which("unshare") or "/usr/bin/unshare"
+    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    return [exe, *user, "--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child"]
+
+
+def sandbox_mode() -> str:
+    """'jail' if namespaces work here (probed once), else 'basic'. MDIFFU_SANDBOX_MODE overrides."""
+    global _mode_cache
+    forced = os.environ.get("MDIFFU_SANDBOX_MODE")
+    if forced:
+        if forced not in ("jail", "basic"):
+            raise ValueError(f"MDIFFU_SANDBOX_MODE must be 'jail' or 'basic', got {forced!r}")
+        return forced
+    if _mode_cache is None:
+        try:
+            probe = _run("print('ok')", mode="jail", timeout_s=20.0, memory_mb=512, cpu_s=10, file_size_mb=1,
+                         max_procs=8, max_output_bytes=1024, disk_mb=8, no_site=True)
+            ok = probe.status == "passed" and probe.stdout.strip() == "ok"
+            reason = probe.error or probe.stderr[-500:]
+        except (SandboxSetupError, OSError) as exc:
+            ok, reason = False, str(exc)
+        _mode_cache = "jail" if ok else "basic"
+        if not ok:
+            logger.warning("sandbox: namespaces unavailable (%s); falling back to 'basic' mode: "
+                           "files outside the work dir are NOT protected, sockets refused in Python only", reason)
+    return _mode_cache
+
+
+def run_python(
+    code: str,
+    timeout_s: float = 5.0,
+    memory_mb: int = 1024,
+    *,
+    cpu_s: Optional[int] = None,
+    file_size_mb: int = 16,
+    max_procs: int = 16,
+    max_output_bytes: int = 1 << 20,
+    disk_mb: int = 64,
+    no_site: bool = False,
+    mode: Optional[str] = None,
+) -> SandboxResult:
+    """Run `code` as `__main__` of a fresh sandboxed interpreter; see the module docstring.
+
+    timeout_s: wall clock for the whole run (interpreter start included). cpu_s: CPU-seconds limit
+    (default: ceil(timeout_s)). memory_mb: address space per process. max_procs: processes +
+    threads of this run (as root; for non-root callers the limit counts all their processes and
+    is not applied). max_output_bytes: stdout and stderr each; beyond it the run is killed.
+    disk_mb: size of the jail's tmpfs. no_site: `-S` (stdlib only, faster start).
+    """
+    if timeout_s <= 0 or memory_mb <= 0:
+        raise ValueError(f"timeout_s and memory_mb must be positive, got {timeout_s}, {memory_mb}")
+    mode = mode or sandbox_mode()
+    with _semaphore:
+        return _run(code, mode=mode, timeout_s=timeout_s, memory_mb=memory_mb,
+                    cpu_s=cpu_s if cpu_s is not None else max(1, int(timeout_s + 0.999)),
+                    file_size_mb=file_size_mb, max_procs=max_procs, max_output_bytes=max_output_bytes,
+                    disk_mb=disk_mb, no_site=no_site)
+
+
+def run_many(codes: Sequence[str], max_workers: int = 2, **kwargs) -> list[SandboxResult]:
+    """Run many programs, at most `max_workers` at once (and never more than the global limit).
+
+    Results come back in input order; kwargs go to `run_python`.
+    """
+    if max_workers < 1:
+        raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+    if not codes:
+        return []
+    sandbox_mode()  # probe once, before the threads race for it
+    with ThreadPoolExecutor(max_workers=max_workers) as pool:
+        return list(pool.map(lambda c: run_python(c, **kwargs), codes))
+
+
+class _Capture:
+    """Incremental reader of one pipe with a byte cap."""
+
+    def __init__(self, cap: int):
+        self.cap, self.chunks, self.size, self.over = cap, [], 0, False
+
+    def feed(self, data: bytes) -> None:
+        room = self.cap - self.size
+        if room > 0:
+            self.chunks.append(data[:room])
+        self.size += len(data)
+        self.over = self.size > self.cap
+
+    def text(self) -> str:
+        return b"".join(self.chunks).decode("utf-8", errors="replace")
+
+
+def _run(code: str, *, mode: str, timeout_s: float, memory_mb: int, cpu_s: int, file_size_mb: int,
+         max_procs: int, max_output_bytes: int, disk_mb: int, no_site: bool) -> SandboxResult:
+    tmp = tempfile.mkdtemp(prefix="mdiffu-sandbox-")
+    fds: list[int] = []
+    try:
+        os.chmod(tmp, 0o700)
+        program_path = os.path.join(tmp, "main.py")
+        with open(program_path, "w", encoding="utf-8") as f:
+            f.write(code)
+        root_dir = os.path.join(tmp, "root")
+        os.mkdir(root_dir)
+        status_r, status_w = os.pipe()
+        nonce_r, nonce_w = os.pipe()
+        done_r, done_w = os.pipe()
+        fds += [status_r, status_w, nonce_r, nonce_w, done_r, done_w]
+        nonce = secrets.token_hex(16).encode()
+        os.write(nonce_w, nonce)
+        is_root = os.geteuid() == 0
+        uid = secrets.randbelow(_UID_RANGE[1] - _UID_RANGE[0]) + _UID_RANGE[0] if (mode == "jail" and is_root) else None
+        jail = mode == "jail"
+        spec = dict(mode=mode, root_dir=root_dir, program_path=program_path, disk_mb=disk_mb,
+                    python_prefixes=_python_prefixes(), python=sys.executable, uid=uid,
+                    cwd="/sandbox" if jail else tmp, env=_minimal_env("/sandbox" if jail else tmp),
+                    memory_mb=memory_mb, cpu_s=cpu_s, file_size_mb=file_size_mb, max_open_files=256,
+                    max_procs=max_procs if (jail and is_root) else None, no_site=no_site,
+                    status_fd=status_w, nonce_fd=nonce_r, done_fd=done_w)
+        argv = [sys.executable, "-I", "-S", _LAUNCHER, json.dumps(spec)]
+        if jail:
+            argv = _unshare_argv() + argv
+        start = time.monotonic()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                pass_fds=(status_w, nonce_r, done_w), env=_minimal_env(tmp), cwd=tmp,
+                                start_new_session=True, close_fds=True)
+        for fd in (status_w, nonce_r, nonce_w, done_w):  # only the children hold these now
+            os.close(fd)
+            fds.remove(fd)
+        return _collect(proc, start, timeout_s, max_output_bytes, status_r, done_r, nonce, uid, jail)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _collect(proc: subprocess.Popen, start: float, timeout_s: float, cap: int, status_r: int, done_r: int,
+             nonce: bytes, uid: Optional[int], jail: bool) -> SandboxResult:
+    out, err = _Capture(cap), _Capture(cap)
+    status_buf, done_buf = _Capture(4096), _Capture(4096)
+    sel = selectors.DefaultSelector()
+    for fileobj, sink in ((proc.stdout, out), (proc.stderr, err), (status_r, status_buf), (done_r, done_buf)):
+        sel.register(fileobj, selectors.EVENT_READ, sink)
+    deadline = start + timeout_s
+    timed_out = overflow = False
+    try:
+        while sel.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                timed_out = True
+                break
+            for key, _ in sel.select(timeout=min(remaining, 0.5)):
+                fd = key.fd
+                data = os.read(fd, 65536)
+                if not data:
+                    sel.unregister(key.fileobj)
+                    continue
+                key.data.feed(data)
+            if out.over or err.over:
+                overflow = True
+                break
+    finally:
+        sel.close()
+        if timed_out or overflow:
+            _kill_group(proc)
+        try:
+            proc.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:  # pipes closed yet still alive: make sure it is gone
+            _kill_group(proc)
+            proc.wait()
+        _kill_group(proc)  # anything left in the group (basic mode: background children)
+        proc.stdout.close()
+        proc.stderr.close()
+    duration = time.monotonic() - start
+    finished = done_buf.text().encode() == nonce
+    report = _parse_report(status_buf.text(), jail, proc.returncode)
+    status, returncode, error = _classify(report, finished, timed_out, overflow, err.text(), timeout_s, cap)
+    return SandboxResult(status, returncode, out.text(), err.text(), error, round(duration, 4), uid)
+
+
+def _parse_report(text: str, jail: bool, launcher_rc: Optional[int]) -> dict:
+    """The launcher's JSON report (jail) or the plain exit status (basic)."""
+    if not jail:
+        rc = launcher_rc if launcher_rc is not None else -signal.SIGKILL
+        return {"exit_code": rc, "signal": None} if rc >= 0 else {"exit_code": None, "signal": -rc}
+    line = text.strip().splitlines()[-1] if text.strip() else ""
+    if not line:  # killed before reporting (our timeout / output kill), or the launcher died
+        return {"exit_code": None, "signal": signal.SIGKILL, "unreported": True}
+    report = json.loads(line)
+    if "setup_error" in report:
+        raise SandboxSetupError(f"sandbox setup failed: {report['setup_error']}")
+    return report
+
+
+def _last_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    return lines[-1].strip()[:500] if lines else ""
+
+
+def _classify(report: dict, finished: bool, timed_out: bool, overflow: bool, stderr: str, timeout_s: float,
+              cap: int) -> tuple[str, Optional[int], str]:
+    sig, code = report.get("signal"), report.get("exit_code")
+    returncode = code if sig is None else -sig
+    if finished:
+        return "passed", returncode, ""
+    if timed_out:
+        return "timeout", returncode, f"timed out after {timeout_s:g} s (wall clock)"
+    if overflow:
+        return "resource_limit", returncode, f"output exceeded {cap} bytes"
+    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and "CPU" in stderr):
+        return "timeout", returncode, "CPU time limit exceeded"
+    if sig == signal.SIGXFSZ:
+        return "resource_limit", returncode, "file size limit exceeded"
+    last = _last_line(stderr)
+    if sig is not None:
+        return "crashed", returncode, f"killed by signal {signal.Signals(sig).name}" + (f" ({last})" if last else "")
+    if "File too large" in last:  # Python ignores SIGXFSZ: the write raises EFBIG instead
+        return "resource_limit", returncode, f"file size limit exceeded: {last}"
+    if last.startswith("MemoryError") or "Cannot allocate memory" in last:
+        return "resource_limit", returncode, f"memory limit exceeded: {last}"
+    if code == 0:
+        return "failed", returncode, "program exited before its end (sys.exit / os._exit / exit)"
+    if code == 125 and last.startswith("sandbox: could not start"):
+        return "crashed", returncode, last
+    return "failed", returncode, last or f"exit code {code}"

@@ -1,0 +1,349 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP): save, resume, finetune, inference load.
+
+Layout (docs/DESIGN.md):
+
+    SAVE/iter_0000100/            DCP: .metadata + one file per rank, plus run_config.yaml
+    SAVE/latest_checkpointed_iteration.txt
+
+DCP keys:
+- `model.<global name>`: each parameter as a DTensor `Shard(tp_shard_dim)` over this rank's TP
+  mesh (plain tensor when replicated or TP=1); DP replicas and the tied-embedding copy of the last
+  pipeline stage are deduplicated by DCP's planner.
+- `optimizer.{exp_avg,exp_avg_sq,fp32_param}.<global name>`: Adam state / fp32 master, sharded
+  like the parameter (ZeRO-1 shards are gathered over DP for the save, so any layout can load).
+- `train_state`: iteration, consumed samples (the data position), optimizer step count, LR
+  schedule, world size / layout, the stage's own state (`Stage.state_dict()`).
+- `rng.<global rank>`: torch/cuda/numpy/python RNG states of each rank (restored only when the
+  layout is unchanged; the noise of the objective does not use them).
+
+Atomicity: every rank writes into `iter_X.tmp-<pid of rank 0>/`; after DCP's final barrier rank 0
+writes run_config.yaml, renames the directory to `iter_X`, and only then replaces the tracker
+file (write temp + os.replace). A crash at any point leaves the previous `latest` intact; stale
+`*.tmp-*` directories are removed by the next successful save. Old checkpoints beyond
+`keep_last` are deleted after the tracker moves on.
+
+Resharding: DCP maps the saved chunks onto whatever local shards the loading layout asks for,
+so a checkpoint saved at TP=2/PP=2/DP=2 loads at TP=1/PP=1 and vice versa; HF-converted
+checkpoints (plain full tensors, `model.*` keys only) load the same way (`--finetune`).
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import yaml
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from megatron_diffu.parallel.state import ProcessGrid, group_size
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+RUN_CONFIG_FILE = "run_config.yaml"
+MODEL_PREFIX = "model."
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used as asked (missing, incomplete, or a different model)."""
+
+
+def iter_dir_name(iteration: int) -> str:
+    return f"iter_{int(iteration):07d}"
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist() else 0
+
+
+def _barrier() -> None:
+    if _dist():
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------ DTensor wrapping
+_MESH_CACHE: dict[tuple, Any] = {}
+
+
+def _tp_mesh(grid: ProcessGrid):
+    from torch.distributed.device_mesh import DeviceMesh
+
+    key = (id(grid.tp_group), tuple(grid.tp_ranks))
+    if key not in _MESH_CACHE:
+        device_type = "cuda" if "nccl" in str(dist.get_backend(grid.tp_group)).lower() else "cpu"
+        _MESH_CACHE[key] = DeviceMesh.from_group(grid.tp_group, device_type)
+    return _MESH_CACHE[key]
+
+
+def _wrap(local: torch.Tensor, shard_dim: Optional[int], grid: ProcessGrid):
+    """DTensor Shard(dim) over the TP mesh, or the plain tensor when not sharded."""
+    if shard_dim is None or grid.tp_size == 1 or not _dist():
+        return local
+    from torch.distributed.tensor import DTensor, Shard
+
+    return DTensor.from_local(local, _tp_mesh(grid), [Shard(shard_dim)], run_check=False)
+
+
+def _shard_dims(model) -> dict[str, Optional[int]]:
+    return {n: d for n, (_, d) in model.sharded_state_dict().items()}
+
+
+# ------------------------------------------------------------------------------ paths
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A save directory (tracker file, or the newest complete iter_*) or an iter_* directory -> the iter dir."""
+    path = Path(path)
+    if (path / ".metadata").exists():
+        return path
+    tracker = path / TRACKER_FILE
+    if tracker.exists():
+        text = tracker.read_text().strip()
+        try:
+            it = int(text)
+        except ValueError:
+            raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}") from None
+        d = path / iter_dir_name(it)
+        if not (d / ".metadata").exists():
+            raise CheckpointError(f"{tracker} names iteration {it} but {d}/.metadata does not exist")
+        return d
+    iters = sorted(p for p in path.glob("iter_*") if p.is_dir() and "tmp" not in p.name and (p / ".metadata").exists())
+    if iters:
+        return iters[-1]
+    raise CheckpointError(f"{path}: no checkpoint ({TRACKER_FILE}, iter_*/.metadata or .metadata not found)")
+
+
+def has_checkpoint(path: Optional[str | Path]) -> bool:
+    if not path:
+        return False
+    try:
+        resolve_checkpoint_dir(path)
+        return True
+    except CheckpointError:
+        return False
+
+
+def read_run_config(ckpt_dir: str | Path) -> dict:
+    f = Path(ckpt_dir) / RUN_CONFIG_FILE
+    if not f.is_file():
+        raise CheckpointError(f"{f}: missing (every checkpoint carries its run config; was it written by "
+                              f"megatron_diffu?)")
+    return yaml.safe_load(f.read_text()) or {}
+
+
+def checkpoint_tensor_shapes(ckpt_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    md = FileSystemReader(str(ckpt_dir)).read_metadata()
+    return {k: tuple(v.size) for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+
+
+def check_model_shapes(ckpt_dir: Path, model_cfg) -> None:
+    """Refuse a checkpoint whose model differs from `model_cfg`, naming both."""
+    from megatron_diffu.model.transformer import global_parameter_shapes
+
+    saved = {k[len(MODEL_PREFIX):]: s for k, s in checkpoint_tensor_shapes(ckpt_dir).items() if k.startswith(MODEL_PREFIX)}
+    if not saved:
+        raise CheckpointError(f"{ckpt_dir}: the checkpoint has no model.* tensors")
+    want = global_parameter_shapes(model_cfg)
+    bad = [f"{n}: checkpoint {saved.get(n)} vs config {s}" for n, s in want.items() if saved.get(n) != s]
+    bad += [f"{n}: in the checkpoint, not in the config's model" for n in saved if n not in want]
+    if not bad:
+        return
+    fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+              "kv_channels", "vocab_size", "untie_embeddings_and_output_weights", "add_qkv_bias")
+    ours = {f: getattr(model_cfg, f) for f in fields}
+    try:
+        theirs = {f: read_run_config(ckpt_dir).get("model", {}).get(f) for f in fields}
+        diff = {f: (theirs[f], ours[f]) for f in fields if theirs[f] != ours[f]}
+        desc = "; ".join(f"{f}: checkpoint {a} vs config {b}" for f, (a, b) in diff.items())
+    except CheckpointError:
+        desc = ""
+    raise CheckpointError(
+        f"checkpoint {ckpt_dir} holds a different model than the config: {desc or 'see tensors'}\n  "
+        + "\n  ".join(bad[:6]) + ("\n  ..." if len(bad) > 6 else "")
+        + "\n  fix: use the checkpoint's model settings (its run_config.yaml) or a matching checkpoint")
+
+
+# ------------------------------------------------------------------------------ RNG
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ------------------------------------------------------------------------------ save
+def _save_pause_hook(iteration: int) -> None:
+    """Test hook: MDIFFU_TEST_SAVE_PAUSE="ITER:SECONDS" sleeps after the data is written but before
+    the rename of that iteration's save (so a test can kill -9 the process mid-save)."""
+    spec = os.environ.get("MDIFFU_TEST_SAVE_PAUSE")
+    if spec:
+        it, secs = spec.split(":")
+        if int(it) == int(iteration):
+            print(f"[checkpoint] test pause {secs}s before committing iteration {iteration}", flush=True)
+            time.sleep(float(secs))
+
+
+def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, grid: ProcessGrid,
+                    run_config, train_state: dict, keep_last: Optional[int] = None,
+                    save_optim: bool = True) -> Path:
+    """Collective: every rank calls it. Returns the final iteration directory."""
+    save_dir = Path(save_dir)
+    t0 = time.time()
+    rank = _rank()
+    tmp_name = [f"{iter_dir_name(iteration)}.tmp-{os.getpid()}"]
+    if _dist():
+        dist.broadcast_object_list(tmp_name, src=0)
+    tmp, final = save_dir / tmp_name[0], save_dir / iter_dir_name(iteration)
+    if rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    state: dict[str, Any] = {}
+    dims = _shard_dims(model)
+    for name, (local, dim) in model.sharded_state_dict().items():
+        state[MODEL_PREFIX + name] = _wrap(local, dim, grid)
+    if save_optim and optimizer is not None:
+        for kind, tensors in optimizer.state_tensors().items():
+            for name, t in tensors.items():
+                state[f"optimizer.{kind}.{name}"] = _wrap(t, dims.get(name), grid)
+    state["train_state"] = pickle.dumps(dict(train_state, world_size=grid.world_size,
+                                             layout=(grid.tp_size, grid.pp_size, grid.dp_size)))
+    state[f"rng.{rank}"] = pickle.dumps(rng_state())
+    writer = FileSystemWriter(str(tmp), single_file_per_rank=True, sync_files=True, thread_count=1)
+    dcp.save(state, storage_writer=writer, no_dist=not _dist())
+    if rank == 0:
+        _save_pause_hook(iteration)
+        run_config.save_yaml(tmp / RUN_CONFIG_FILE)
+        if final.exists():  # re-saving an iteration (e.g. exit right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(save_dir)
+        tracker_tmp = save_dir / f"{TRACKER_FILE}.tmp-{os.getpid()}"
+        tracker_tmp.write_text(f"{iteration}\n")
+        os.replace(tracker_tmp, save_dir / TRACKER_FILE)
+        _fsync_dir(save_dir)
+        _prune(save_dir, keep_last, keep=final)
+        print(f"[checkpoint] saved iteration {iteration} to {final} in {time.time() - t0:.2f}s", flush=True)
+    _barrier()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _prune(save_dir: Path, keep_last: Optional[int], keep: Path) -> None:
+    for stale in save_dir.glob("iter_*.tmp-*"):  # crashed saves
+        shutil.rmtree(stale, ignore_errors=True)
+    if not keep_last:
+        return
+    done = sorted(p for p in save_dir.glob("iter_*") if p.is_dir() and ".tmp-" not in p.name)
+    for old in done[:-keep_last]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ load
+def load_checkpoint(load_dir: str | Path, model, optimizer, grid: ProcessGrid, model_cfg, *,
+                    finetune: bool = False, load_optim: bool = True, load_rng: bool = True) -> Optional[dict]:
+    """Load into `model` (and `optimizer`) in place. Returns the saved train_state (None with
+    `finetune`: weights only). Collective."""
+    ckpt = resolve_checkpoint_dir(load_dir)
+    check_model_shapes(ckpt, model_cfg)
+    saved = checkpoint_tensor_shapes(ckpt)
+    md_keys = set(FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+    dims = _shard_dims(model)
+    state: dict[str, Any] = {MODEL_PREFIX + n: _wrap(t, d, grid) for n, (t, d) in model.sharded_state_dict().items()}
+    want_optim = optimizer is not None and load_optim and not finetune
+    opt_targets: dict[str, dict[str, torch.Tensor]] = {}
+    if want_optim:
+        for kind in ("exp_avg", "exp_avg_sq", "fp32_param"):
+            names = [n for n in dims if f"optimizer.{kind}.{n}" in saved]
+            if kind != "fp32_param" and len(names) != len(dims):
+                raise CheckpointError(f"{ckpt}: no optimizer state ({kind}) for this model; pass --no-load-optim "
+                                      f"to load the weights with a fresh optimizer")
+            if kind == "fp32_param" and (optimizer.master_is_param or not names):
+                continue
+            opt_targets[kind] = {}
+            for n in names:
+                p = dict(model.named_parameters())[n]
+                t = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+                opt_targets[kind][n] = t
+                state[f"optimizer.{kind}.{n}"] = _wrap(t, dims[n], grid)
+    if not finetune:
+        state["train_state"] = b""
+        if load_rng and f"rng.{_rank()}" in md_keys:
+            state[f"rng.{_rank()}"] = b""
+    dcp.load(state, storage_reader=FileSystemReader(str(ckpt)), no_dist=not _dist())
+    if optimizer is not None:
+        if want_optim:
+            optimizer.load_state_tensors(opt_targets, step_count=pickle.loads(state["train_state"]).get("optimizer_step", 0))
+        else:
+            optimizer.sync_master_from_params()
+    if finetune:
+        if _rank() == 0:
+            print(f"[checkpoint] finetune: loaded model weights from {ckpt}", flush=True)
+        return None
+    train_state = pickle.loads(state["train_state"])
+    rng_key = f"rng.{_rank()}"
+    if load_rng and rng_key in state and train_state.get("world_size") == grid.world_size:
+        set_rng_state(pickle.loads(state[rng_key]))
+    if _rank() == 0:
+        print(f"[checkpoint] resumed from {ckpt} at iteration {train_state.get('iteration')}", flush=True)
+    return train_state
+
+
+def load_inference_model(path: str | Path, grid: Optional[ProcessGrid] = None, device=None,
+                         sequence_parallel: bool = False, dtype: Optional[torch.dtype] = None):
+    """(model, TransformerConfig) from a native or HF-converted checkpoint, for sampling/eval/export.
+
+    `path`: a save dir or an iter_* dir. The model is built for `grid` (default: one process,
+    all layers) with this rank's pipeline stage and TP shard, loaded (collective when `grid` has
+    groups), set to eval mode. `dtype` overrides the saved `bf16` setting.
+    """
+    from megatron_diffu.model.config import TransformerConfig
+    from megatron_diffu.model.transformer import DiffusionTransformer, pipeline_layer_split
+
+    grid = grid or ProcessGrid.single()
+    ckpt = resolve_checkpoint_dir(path)
+    section = read_run_config(ckpt).get("model")
+    if not isinstance(section, dict):
+        raise CheckpointError(f"{ckpt / RUN_CONFIG_FILE}: no 'model:' section")
+    known = {f for f in TransformerConfig.__dataclass_fields__}
+    cfg = TransformerConfig(**{k: v for k, v in section.items() if k in known})
+    if dtype is not None:
+        cfg.bf16 = dtype == torch.bfloat16
+    layer_ids = pipeline_layer_split(cfg, grid.pp_size, grid.pp_rank)
+    model = DiffusionTransformer(cfg, grid=grid, pre_process=grid.is_first_stage, post_process=grid.is_last_stage,
+                                 layer_ids=layer_ids, sequence_parallel=sequence_parallel, device=device,
+                                 init_weights=False)
+    load_checkpoint(ckpt, model, None, grid, cfg, finetune=True)
+    model.eval()
+    return model, cfg

@@ -1,0 +1,137 @@
+"""Megatron-style log lines, TensorBoard scalars, a JSONL metrics file, and the MFU yardstick.
+
+One line per `--log-interval` iterations on global rank 0 (the metrics are already reduced over
+DP and broadcast from the last pipeline stage), e.g.
+
+     iteration       11/      20 | consumed samples:           88 | lr: 3.000000E-04 | loss: 7.123456E+00 |
+     grad norm: 1.234 | tokens/s: 1.2E+04 | MFU: 31.2% | step time (ms): 85.3 | peak mem (GB): 1.23
+
+Loss, grad norm, tokens/s and step time are averages over the iterations since the last line
+(Megatron's convention); skipped (non-finite) iterations are counted, not averaged. Every
+iteration's metrics also go to TensorBoard (`--tensorboard-dir`) and, with `--log-file`, to
+`<log_file>.jsonl` (what tests and `tools/plot_loss.py` read).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    # ru_maxrss is KiB on Linux: the process's peak resident memory
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024,
+                       repeats: int = 5) -> float:
+    """Measured dense matmul FLOP/s of one process on `device` (the MFU yardstick on CPU)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * size ** 3 / best
+
+
+class MetricsLogger:
+    """Collects per-iteration metrics; prints an averaged line every `log_interval` iterations."""
+
+    def __init__(self, train_iters: int, log_interval: int = 10, tensorboard_dir: Optional[str] = None,
+                 log_file: Optional[str] = None, enabled: bool = True):
+        self.train_iters, self.log_interval, self.enabled = train_iters, log_interval, enabled
+        self.window: list[dict] = []
+        self.skipped = 0
+        self.writer = None
+        self.jsonl = None
+        if enabled and tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=tensorboard_dir)
+        if enabled and log_file:
+            Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+            self.log_file = Path(log_file)
+            self.jsonl = open(str(log_file) + ".jsonl", "a", buffering=1)
+        else:
+            self.log_file = None
+
+    def record(self, iteration: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        if metrics.get("skipped"):
+            self.skipped += 1
+        else:
+            self.window.append(metrics)
+        if self.writer is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(float(v)):
+                    self.writer.add_scalar(f"train/{k}", float(v), iteration)
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"iteration": iteration, **_plain(metrics)}) + "\n")
+        if iteration % self.log_interval == 0 or iteration == self.train_iters:
+            self._emit(iteration, metrics)
+
+    def _emit(self, iteration: int, last: dict) -> None:
+        w = self.window or [last]
+        avg = lambda k: sum(float(m.get(k, 0.0)) for m in w) / len(w)  # noqa: E731
+        line = (f" iteration {iteration:>8d}/{self.train_iters:>8d} | consumed samples: {int(last['consumed_samples']):>12d} "
+                f"| lr: {last['lr']:.6E} | loss: {avg('loss'):.6E} | grad norm: {avg('grad_norm'):.3f} "
+                f"| tokens/s: {avg('tokens_per_s'):.4g} | MFU: {100 * avg('mfu'):.2f}% "
+                f"| step time (ms): {1000 * avg('step_time'):.1f} | peak mem (GB): {last.get('peak_mem_gb', 0.0):.2f}")
+        if self.skipped:
+            line += f" | skipped iterations: {self.skipped}"
+        self._print(line)
+        self.window, self.skipped = [], 0
+
+    def log_validation(self, iteration: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        body = " | ".join(f"{k}: {v:.6E}" for k, v in metrics.items())
+        self._print(f" validation at iteration {iteration:>8d} | {body}")
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"valid/{k}", float(v), iteration)
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"iteration": iteration, "validation": _plain(metrics)}) + "\n")
+
+    def _print(self, line: str) -> None:
+        print(line, flush=True)
+        if self.log_file is not None:
+            with open(self.log_file, "a") as f:
+                f.write(line + "\n")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+def _plain(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor):
+            v = v.item()
+        out[k] = v if not isinstance(v, float) or math.isfinite(v) else str(v)
+    return out
+
+
+def rank0_print(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(msg, flush=True)

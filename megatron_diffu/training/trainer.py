@@ -1,0 +1,332 @@
+"""The one training loop. Stages (pretrain, SFT, GRPO) plug in through the `Stage` interface.
+
+    grid = build_grid(cfg)                       # after init_distributed()
+    trainer = Trainer(cfg, PretrainStage(), grid)
+    trainer.train()                              # -> exit code (0, or EXIT_CODE_SIGNAL after a signal save)
+
+One global step (`Trainer.train_step`):
+1. `stage.train_micro_batches(trainer)`: this DP rank's `num_micro_batches` micro-batches (dicts of
+   tensors; every pipeline stage gets the same list). GRPO runs its rollouts here.
+2. `megatron_diffu.parallel.pipeline.forward_backward(stage.forward_step, model, micro_batches, grid)`:
+   1F1B over the pipeline (or plain accumulation). `stage.forward_step(model, batch, input_tensor)
+   -> (output, loss_fn)`, `loss_fn(output) -> (loss_for_backward, report)`.
+   **Normalisation contract**: gradients are SUMMED over micro-batches and data-parallel ranks,
+   so a stage's loss_for_backward must already be divided by its *global-batch* normaliser
+   (pretraining: global tokens = global_batch_size * seq_length; `trainer.global_batch_size`).
+   `report` is a dict of scalars that are *sums* (e.g. loss_sum, num_tokens): the trainer adds
+   them over micro-batches and DP ranks and `stage.metrics(totals)` turns them into log values,
+   which must include "loss".
+3. Gradients: fp32 accumulation, SP/tied-embedding/DP reductions, global norm (TP/PP-aware), clip,
+   AdamW with fp32 master weights (training/optimizer.py), LR from training/lr_schedule.py.
+   A non-finite loss or gradient norm skips the update (logged); `max_skipped_steps` in a row
+   raise `TrainingError`.
+4. `stage.on_step_end(trainer, metrics)` (GRPO: reference re-sync), logging, periodic validation
+   (`stage.validate(trainer) -> dict`), periodic checkpoint; signal/exit-interval handling.
+
+State the trainer checkpoints: model, optimizer, iteration, consumed samples (the data position),
+RNG, and `stage.state_dict()` (any picklable dict: GRPO's reference model step, its data cursor).
+Extra models a stage owns (e.g. the GRPO reference policy) can be saved by the stage under
+`stage.extra_checkpoint_state()`... kept simple: a stage with extra tensors saves them in its
+state_dict (pickled), or rebuilds them on resume.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_diffu.parallel.state import ProcessGrid, group_size
+from megatron_diffu.training import checkpointing
+from megatron_diffu.training.logging import MetricsLogger, measure_peak_flops, peak_memory_gb
+from megatron_diffu.training.lr_schedule import LRSchedule
+from megatron_diffu.training.optimizer import MixedPrecisionAdamW
+from megatron_diffu.training.signals import EXIT_CODE_SIGNAL, ExitSignalHandler
+
+try:
+    from megatron_diffu.parallel.pipeline import forward_backward
+except ImportError:  # pragma: no cover - the schedule is another part; keep a sequential stand-in
+    def forward_backward(forward_step, model, micro_batches, grid, *, forward_only=False, tensor_shape=None,
+                         dtype=torch.float32):
+        reports = []
+        ctx = torch.no_grad() if forward_only else torch.enable_grad()
+        with ctx:
+            for mb in micro_batches:
+                out, loss_fn = forward_step(model, mb, None)
+                loss, rep = loss_fn(out)
+                if not forward_only:
+                    loss.backward()
+                reports.append({k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in rep.items()})
+        return reports
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. too many non-finite steps in a row)."""
+
+
+# ------------------------------------------------------------------------------------ Stage
+class Stage:
+    """What differs between stages. Subclass and override; the defaults are no-ops.
+
+    Attributes set by the trainer before `setup`: nothing; use the `trainer` argument
+    (`trainer.cfg`, `.grid`, `.model`, `.iteration`, `.consumed_samples`, `.global_batch_size`,
+    `.micro_batch_size`, `.num_micro_batches`, `.device`).
+    """
+
+    name = "stage"
+
+    def setup(self, trainer: "Trainer") -> None:
+        """Build data iterators positioned at `trainer.consumed_samples` (resume)."""
+
+    def train_micro_batches(self, trainer: "Trainer") -> list[dict]:
+        raise NotImplementedError
+
+    def forward_step(self, model, batch: dict, input_tensor: Optional[torch.Tensor]):
+        """Pipeline forward step: (output, loss_fn); see the module docstring."""
+        raise NotImplementedError
+
+    def metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        """Log values from the summed reports; must contain "loss"."""
+        return {"loss": totals.get("loss_sum", float("nan")) / max(totals.get("num_tokens", 1.0), 1.0)}
+
+    def validate(self, trainer: "Trainer") -> dict[str, float]:
+        return {}
+
+    def tokens_per_step(self, trainer: "Trainer") -> int:
+        """Tokens processed per global step (tokens/s and MFU)."""
+        return trainer.global_batch_size * int(getattr(trainer.cfg.data, "seq_length", 1))
+
+    def flops_per_step(self, trainer: "Trainer") -> float:
+        seq = int(getattr(trainer.cfg.data, "seq_length", 1))
+        return trainer.cfg.model.flops_per_token(seq, training=True) * self.tokens_per_step(trainer)
+
+    def on_step_end(self, trainer: "Trainer", metrics: dict) -> None:
+        """Called on every rank after each step (GRPO: reference-model sync)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+# ------------------------------------------------------------------------------------ helpers
+def build_grid(cfg) -> ProcessGrid:
+    """The process grid for the config (one process without torch.distributed -> single())."""
+    if not (dist.is_available() and dist.is_initialized()):
+        p = cfg.parallel
+        if p.tensor_model_parallel_size * p.pipeline_model_parallel_size != 1:
+            raise ValueError("tensor/pipeline parallelism needs several processes: launch with torchrun "
+                             "--nproc-per-node N python -m megatron_diffu.pretrain ...")
+        return ProcessGrid.single()
+    return ProcessGrid.build(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available() and dist.is_available() and dist.is_initialized() and \
+            "nccl" in str(dist.get_backend()).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    if torch.cuda.is_available() and not (dist.is_available() and dist.is_initialized()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def build_model(cfg, grid: ProcessGrid, device: Optional[torch.device] = None):
+    """This rank's pipeline stage / TP shard of the DiffusionTransformer."""
+    from megatron_diffu.model.transformer import DiffusionTransformer, pipeline_layer_split
+
+    layer_ids = pipeline_layer_split(cfg.model, grid.pp_size, grid.pp_rank, cfg.parallel.pipeline_model_parallel_split)
+    return DiffusionTransformer(cfg.model, grid=grid, pre_process=grid.is_first_stage,
+                                post_process=grid.is_last_stage, layer_ids=layer_ids,
+                                sequence_parallel=cfg.parallel.sequence_parallel, device=device)
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+# ------------------------------------------------------------------------------------ Trainer
+class Trainer:
+    def __init__(self, cfg, stage: Stage, grid: Optional[ProcessGrid] = None, device: Optional[torch.device] = None,
+                 model=None):
+        self.cfg, self.stage = cfg, stage
+        self.grid = grid or build_grid(cfg)
+        self.device = device or default_device()
+        world = self.grid.world_size
+        cfg.validate(world)
+        self.global_batch_size = cfg.resolved_global_batch_size(world)
+        self.micro_batch_size = cfg.training.micro_batch_size
+        self.num_micro_batches = cfg.num_micro_batches(world)
+        self.train_iters = cfg.resolved_train_iters(world)
+        self.model = model if model is not None else build_model(cfg, self.grid, self.device)
+        self.optimizer = MixedPrecisionAdamW(self.model, cfg.optimizer, self.grid, cfg.parallel.use_distributed_optimizer)
+        self.lr_schedule = LRSchedule.from_config(cfg.optimizer, self.train_iters)
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.skipped_in_a_row = 0
+        self.history: list[dict] = []
+        self.validation_history: list[tuple[int, dict]] = []
+        self._maybe_load()
+        self.logger = MetricsLogger(self.train_iters, cfg.logging.log_interval, cfg.logging.tensorboard_dir,
+                                    cfg.logging.log_file, enabled=self.grid.rank == 0)
+        self._peak_flops: Optional[float] = cfg.logging.peak_flops
+        self.stage.setup(self)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _maybe_load(self) -> None:
+        ck = self.cfg.checkpoint
+        if not ck.load:
+            return
+        if not checkpointing.has_checkpoint(ck.load):
+            if ck.finetune:
+                raise checkpointing.CheckpointError(f"--finetune: no checkpoint found at --load {ck.load}")
+            if self.grid.rank == 0:
+                print(f"[checkpoint] no checkpoint at {ck.load}: starting from scratch", flush=True)
+            return
+        state = checkpointing.load_checkpoint(ck.load, self.model, self.optimizer, self.grid, self.cfg.model,
+                                              finetune=ck.finetune, load_optim=not ck.no_load_optim,
+                                              load_rng=not ck.no_load_rng)
+        if state is None:  # finetune: weights only
+            return
+        self.iteration = int(state["iteration"])
+        self.consumed_samples = int(state["consumed_samples"])
+        if ck.no_load_optim:
+            self.optimizer.step_count = 0
+        self.stage.load_state_dict(state.get("stage", {}))
+
+    def save(self) -> None:
+        ck = self.cfg.checkpoint
+        if not ck.save:
+            return
+        state = {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
+                 "optimizer_step": self.optimizer.step_count, "lr_schedule": self.lr_schedule.state_dict(),
+                 "stage": self.stage.state_dict(), "stage_name": self.stage.name}
+        checkpointing.save_checkpoint(ck.save, self.iteration, self.model, self.optimizer, self.grid, self.cfg,
+                                      state, keep_last=ck.keep_last, save_optim=not ck.no_save_optim)
+
+    # ------------------------------------------------------------------ reductions
+    def reduce_reports(self, reports: list[dict]) -> dict[str, float]:
+        """Sum the last stage's reports over micro-batches and DP; share with every pipeline stage."""
+        totals: dict[str, float] = {}
+        if self.grid.is_last_stage:
+            keys = sorted({k for r in reports for k in r})
+            vec = torch.tensor([sum(float(r.get(k, 0.0)) for r in reports) for k in keys], dtype=torch.float64)
+            if group_size(self.grid.dp_group) > 1:
+                vec = vec.to(self.device)
+                dist.all_reduce(vec, group=self.grid.dp_group)
+            totals = dict(zip(keys, vec.cpu().tolist()))
+        if self.grid.pp_size > 1:
+            box = [totals]
+            dist.broadcast_object_list(box, src=self.grid.pp_ranks[-1], group=self.grid.pp_group)
+            totals = box[0]
+        return totals
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        self.iteration += 1
+        self.model.train()
+        micro_batches = self.stage.train_micro_batches(self)
+        if len(micro_batches) != self.num_micro_batches:
+            raise TrainingError(f"stage {self.stage.name} produced {len(micro_batches)} micro-batches, expected "
+                                f"{self.num_micro_batches} (global_batch_size / (micro_batch_size * dp))")
+        self.optimizer.zero_grad()
+        reports = forward_backward(self.stage.forward_step, self.model, micro_batches, self.grid,
+                                   dtype=self.cfg.model.params_dtype)
+        metrics = dict(self.stage.metrics(self.reduce_reports(reports)))
+        self.optimizer.reduce_gradients()
+        grad_norm = self.optimizer.grad_norm()
+        lr = self.lr_schedule(self.iteration)
+        loss = float(metrics.get("loss", float("nan")))
+        skipped = not (_finite(loss) and _finite(grad_norm))
+        if skipped:
+            self.skipped_in_a_row += 1
+            if self.grid.rank == 0:
+                print(f"[trainer] iteration {self.iteration}: non-finite {'loss' if not _finite(loss) else 'gradient'} "
+                      f"(loss={loss}, grad norm={grad_norm}): update skipped "
+                      f"({self.skipped_in_a_row}/{self.cfg.training.max_skipped_steps} in a row)", flush=True)
+            self.optimizer.zero_grad()
+            if self.skipped_in_a_row >= self.cfg.training.max_skipped_steps:
+                raise TrainingError(f"{self.skipped_in_a_row} non-finite steps in a row (max_skipped_steps="
+                                    f"{self.cfg.training.max_skipped_steps}) at iteration {self.iteration}: lower --lr, "
+                                    f"check the data, or resume from the last checkpoint")
+        else:
+            self.skipped_in_a_row = 0
+            self.optimizer.step(lr, grad_norm)
+        self.consumed_samples += self.global_batch_size
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        tokens = self.stage.tokens_per_step(self)
+        metrics.update(iteration=self.iteration, consumed_samples=self.consumed_samples, lr=lr, grad_norm=grad_norm,
+                       skipped=skipped, step_time=dt, tokens_per_s=tokens / dt,
+                       mfu=self.stage.flops_per_step(self) / dt / (self.peak_flops() * self.grid.world_size),
+                       peak_mem_gb=peak_memory_gb(self.device))
+        return metrics
+
+    def peak_flops(self) -> float:
+        if self._peak_flops is None:
+            self._peak_flops = measure_peak_flops(self.device, self.cfg.model.params_dtype)
+        return self._peak_flops
+
+    # ------------------------------------------------------------------ validation
+    def evaluate(self) -> dict:
+        self.model.eval()
+        with torch.no_grad():
+            metrics = self.stage.validate(self)
+        self.model.train()
+        if metrics:
+            self.validation_history.append((self.iteration, metrics))
+            self.logger.log_validation(self.iteration, metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> int:
+        """Run to train_iters (or a signal / exit_interval). Returns the process exit code."""
+        t, ck = self.cfg.training, self.cfg.checkpoint
+        handler = ExitSignalHandler(device=self.device if self.device.type == "cuda" else None)
+        if self.grid.rank == 0:
+            print(f"[trainer] {self.stage.name}: iterations {self.iteration + 1}..{self.train_iters}, global batch "
+                  f"{self.global_batch_size} = {self.micro_batch_size} x {self.num_micro_batches} micro x "
+                  f"{self.grid.dp_size} DP (tp={self.grid.tp_size}, pp={self.grid.pp_size})", flush=True)
+        exit_code = 0
+        with handler if t.exit_signal_handler else _nullcontext():
+            try:
+                while self.iteration < self.train_iters:
+                    metrics = self.train_step()
+                    self.history.append(metrics)
+                    self.logger.record(self.iteration, metrics)
+                    self.stage.on_step_end(self, metrics)
+                    if t.eval_interval and t.eval_iters and self.iteration % t.eval_interval == 0:
+                        self.evaluate()
+                    saved = False
+                    if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
+                        self.save()
+                        saved = True
+                    if t.exit_signal_handler and handler.should_exit():
+                        if not saved:
+                            self.save()
+                        if self.grid.rank == 0:
+                            print(f"[trainer] exiting after a signal at iteration {self.iteration} with code "
+                                  f"{EXIT_CODE_SIGNAL} (checkpoint {'saved' if ck.save else 'NOT saved: no --save'})",
+                                  flush=True)
+                        return EXIT_CODE_SIGNAL
+                    if t.exit_interval and self.iteration % t.exit_interval == 0:
+                        if not saved:
+                            self.save()
+                        return 0
+                if ck.save and self.history and (not ck.save_interval or self.iteration % ck.save_interval):
+                    self.save()
+            finally:
+                self.logger.close()
+        return exit_code
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

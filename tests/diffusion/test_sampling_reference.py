@@ -1,0 +1,221 @@
+"""The sampler equals a plain, one-prompt-at-a-time reference of ALGORITHMS.md sec. 4.
+
+`reference_generate` below is written from the spec (Dream `diffusion_generate`), independently
+of `megatron_diffu.diffusion.sampling`: one prompt, one full forward per step, Python loops. It
+shares only the documented randomness contract with the sampler: prompt b owns a generator
+seeded by ``row_seed(seed, b)`` and draws, per step, the transfer coins (origin) / the token
+samples (T > 0) / the position samples (alg_temp > 0) in that order.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_diffu.diffusion.sampling import SamplingConfig, diffusion_generate, row_seed
+from megatron_diffu.model.config import TransformerConfig
+from megatron_diffu.model.transformer import DiffusionTransformer
+
+VOCAB, MASK, PAD, EOS = 128, 127, 126, 125
+PROMPTS = [[5, 17, 42, 9, 33], [7, 8], [60, 61, 62, 63, 64, 65, 66, 1]]
+
+
+def tiny_model(seed: int = 3, sharpen: float = 20.0, grid=None) -> DiffusionTransformer:
+    """Random tiny Qwen-style model; the head is scaled so distributions are peaked (no near-ties)."""
+    cfg = TransformerConfig.from_preset("tiny", vocab_size=VOCAB, seed=seed)
+    model = DiffusionTransformer(cfg, grid=grid).eval()
+    with torch.no_grad():
+        model.output_layer.weight.mul_(sharpen)
+    return model
+
+
+# ----------------------------------------------------------------------------- the reference
+def ref_probs(logits_row: torch.Tensor, temperature, top_p, top_k) -> torch.Tensor:
+    """Temperature, then top-p (keep the sorted tokens whose preceding mass is <= top_p), then top-k."""
+    z = logits_row.float().clone()
+    if temperature > 0:
+        z = z / temperature
+    if top_p is not None and top_p < 1:
+        vals, order = torch.sort(z, descending=True)
+        mass = torch.cumsum(torch.softmax(vals, -1), -1)
+        drop = torch.zeros(z.numel(), dtype=torch.bool)
+        drop[1:] = mass[:-1] > top_p  # token j goes when the tokens before it already hold top_p
+        z[order[drop]] = -math.inf
+    if top_k is not None:
+        kth = sorted(z.tolist(), reverse=True)[min(top_k, z.numel()) - 1]
+        z[z < kth] = -math.inf
+    return torch.softmax(z, -1)
+
+
+def ref_token(logits_row, cfg: SamplingConfig, gen):
+    p = ref_probs(logits_row, cfg.temperature, cfg.top_p, cfg.top_k)
+    if cfg.temperature > 0:
+        tok = int(torch.multinomial(p[None], 1, generator=gen)[0, 0])
+    else:
+        tok = int(p.argmax())
+    conf = float(p[tok])
+    if cfg.alg == "topk_margin":
+        s = sorted(p.tolist(), reverse=True)
+        conf = s[0] - s[1]
+    elif cfg.alg == "entropy":
+        conf = float((p * torch.log(p + 1e-10)).sum())
+    return tok, conf
+
+
+def reference_generate(model, prompt: list[int], cfg: SamplingConfig, gen: torch.Generator):
+    """One prompt: returns (new tokens, reveal step per new token)."""
+    N, P = cfg.max_new_tokens, len(prompt)
+    x = torch.tensor([prompt + [MASK] * N])
+    reveal = [-1] * N
+    block = cfg.block_length or N
+    n_blocks = N // block
+    steps_per_block = cfg.steps // n_blocks
+    step = 0
+    for blk in range(n_blocks):
+        lo, hi = P + blk * block, P + (blk + 1) * block
+        taus = torch.linspace(1, cfg.eps, steps_per_block + 1)
+        for i in range(steps_per_block):
+            masked = [j for j in range(lo, hi) if int(x[0, j]) == MASK]
+            if not masked:
+                break
+            with torch.no_grad():
+                logits = model(x)[0]  # the model applies the shift itself
+            t, s = taus[i], taus[i + 1]
+            last = i == steps_per_block - 1
+            chosen: dict[int, int] = {}
+            if cfg.alg == "origin":
+                p_move = 1.0 if last else float(1 - s / t)
+                coins = torch.rand(len(masked), generator=gen)
+                for j, pos in enumerate(masked):
+                    if coins[j] < p_move:
+                        chosen[pos] = None
+                for pos in chosen:
+                    chosen[pos] = ref_token(logits[pos], cfg, gen)[0]
+            else:
+                toks, confs = zip(*[ref_token(logits[pos], cfg, gen) for pos in masked])
+                if cfg.threshold is not None:
+                    best = max(range(len(masked)), key=lambda j: confs[j])
+                    pick = [j for j in range(len(masked)) if last or confs[j] > cfg.threshold or j == best]
+                else:
+                    k = len(masked) if last else int(torch.tensor(float(len(masked))) * (1 - s / t))
+                    c = torch.tensor(confs)
+                    if k <= 0:
+                        pick = []
+                    elif cfg.alg_temp:
+                        pick = torch.multinomial(torch.softmax(c / cfg.alg_temp, -1), k, generator=gen).tolist()
+                    else:
+                        pick = torch.topk(c, k).indices.tolist()
+                for j in pick:
+                    chosen[masked[j]] = toks[j]
+            for pos, tok in chosen.items():
+                x[0, pos] = tok
+                if tok != MASK:
+                    reveal[pos - P] = step
+            step += 1
+    return x[0, P:].tolist(), reveal
+
+
+def check_equal(model, cfg: SamplingConfig, prompts=PROMPTS):
+    for b, prompt in enumerate(prompts):
+        out = diffusion_generate(model, [prompt], cfg, mask_id=MASK, pad_id=PAD, sample_index=[b])
+        ref_tokens, ref_reveal = reference_generate(model, prompt, cfg,
+                                                    torch.Generator().manual_seed(row_seed(cfg.seed, b)))
+        assert out.sequences[0, len(prompt):].tolist() == ref_tokens, (cfg, b)
+        assert out.reveal_step[0].tolist() == ref_reveal, (cfg, b)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return tiny_model()
+
+
+# ----------------------------------------------------------------------------- equality with the reference
+@pytest.mark.parametrize("alg", ["origin", "maskgit_plus", "topk_margin", "entropy"])
+def test_greedy_equals_reference(model, alg):
+    check_equal(model, SamplingConfig(max_new_tokens=12, steps=6, temperature=0.0, alg=alg))
+
+
+@pytest.mark.parametrize("alg", ["origin", "maskgit_plus", "topk_margin", "entropy"])
+def test_sampled_equals_reference(model, alg):
+    check_equal(model, SamplingConfig(max_new_tokens=12, steps=5, temperature=0.8, top_p=0.9, top_k=20,
+                                      alg=alg, seed=11))
+
+
+def test_alg_temp_and_blocks_equal_reference(model):
+    check_equal(model, SamplingConfig(max_new_tokens=12, steps=8, temperature=1.0, alg="entropy",
+                                      alg_temp=0.5, seed=5))
+    check_equal(model, SamplingConfig(max_new_tokens=12, steps=6, temperature=0.0, alg="maskgit_plus",
+                                      block_length=4))
+    check_equal(model, SamplingConfig(max_new_tokens=8, steps=8, temperature=0.0, alg="topk_margin"))
+
+
+def test_threshold_above_one_is_one_token_per_step(model):
+    cfg = SamplingConfig(max_new_tokens=10, steps=10, temperature=0.0, alg="maskgit_plus", threshold=1.5)
+    check_equal(model, cfg)
+    out = diffusion_generate(model, [PROMPTS[0]], cfg, mask_id=MASK, pad_id=PAD)
+    assert sorted(out.reveal_step[0].tolist()) == list(range(10))  # exactly one new token per step
+    assert out.nfe == 10
+
+
+def test_threshold_parallel_equals_reference(model):
+    cfg = SamplingConfig(max_new_tokens=12, steps=12, temperature=0.0, alg="maskgit_plus", threshold=0.3,
+                         block_length=6)
+    check_equal(model, cfg)
+    out = diffusion_generate(model, PROMPTS, cfg, mask_id=MASK, pad_id=PAD)
+    assert out.nfe < 12  # several tokens per step somewhere: fewer forwards than tokens
+
+
+# ----------------------------------------------------------------------------- batching and bookkeeping
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_left_padded_batch_equals_each_prompt_alone(model, temperature):
+    cfg = SamplingConfig(max_new_tokens=10, steps=5, temperature=temperature, top_p=0.95, alg="entropy", seed=2)
+    batch = diffusion_generate(model, PROMPTS, cfg, mask_id=MASK, pad_id=PAD)
+    P = max(map(len, PROMPTS))
+    assert batch.prompt_length == P
+    for b, prompt in enumerate(PROMPTS):
+        alone = diffusion_generate(model, [prompt], cfg, mask_id=MASK, pad_id=PAD, sample_index=[b])
+        assert batch.sequences[b, P:].tolist() == alone.sequences[0, len(prompt):].tolist()
+        assert batch.sequences[b, P - len(prompt):P].tolist() == prompt
+        assert batch.reveal_step[b].tolist() == alone.reveal_step[0].tolist()
+
+
+def test_stop_ids_history_and_hooks(model):
+    cfg = SamplingConfig(max_new_tokens=8, steps=4, temperature=0.0, alg="maskgit_plus")
+    forced = {}
+
+    def tokens_hook(step, x, logits):  # plant an EOS in row 0 after the first step
+        if step == 0:
+            x = x.clone()
+            x[0, -5] = EOS
+            forced["seen"] = True
+        return x
+
+    out = diffusion_generate(model, PROMPTS[:2], cfg, mask_id=MASK, pad_id=PAD, stop_ids=(EOS,),
+                             output_history=True, tokens_hook=tokens_hook)
+    assert forced["seen"]
+    new = out.sequences[0, out.prompt_length:].tolist()
+    assert out.completions[0] == new[:new.index(EOS)]
+    assert len(out.history) == 4 and torch.equal(out.history[-1], out.sequences)
+    assert (out.reveal_step >= 0).all() and out.reveal_step.max() == 3
+    # logits hook: banning every token but 3 forces all-3 completions
+    def only3(step, x, logits):
+        logits = logits.clone()
+        keep = logits[..., 3].clone()
+        logits[...] = -1e4
+        logits[..., 3] = keep
+        return logits
+    out = diffusion_generate(model, PROMPTS, cfg, mask_id=MASK, pad_id=PAD, logits_hook=only3)
+    assert (out.sequences[:, out.prompt_length:] == 3).all()
+
+
+def test_bad_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="alg="):
+        SamplingConfig(alg="greedy").validate()
+    with pytest.raises(ValueError, match="block_length=5"):
+        SamplingConfig(max_new_tokens=12, block_length=5).validate()
+    with pytest.raises(ValueError, match="steps=7"):
+        SamplingConfig(max_new_tokens=12, steps=7, block_length=4).validate()
+    with pytest.raises(ValueError, match="threshold"):
+        SamplingConfig(alg="origin", threshold=0.9).validate()

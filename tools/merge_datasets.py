@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Concatenate Megatron indexed datasets (same dtype) into one, atomically.
+
+    python tools/merge_datasets.py --input data/a_text_document data/b_text_document \\
+        --output-prefix data/ab_text_document
+    python tools/merge_datasets.py --input-dir data/shards --output-prefix data/all_text_document
+
+Inputs are validated first (sizes, header, dtype); documents keep their order (inputs in the
+given order; with --input-dir, prefixes sorted by name). Written through megatron-core's
+IndexedDatasetBuilder.add_index to temporary names, then moved into place with os.replace.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_diffu.data.indexed import DatasetFormatError, validate_indexed_dataset  # noqa: E402
+
+
+def find_prefixes(directory: str) -> List[str]:
+    names = sorted(f[:-4] for f in os.listdir(directory) if f.endswith(".idx"))
+    if not names:
+        raise DatasetFormatError(f"--input-dir {directory}: no .idx files found")
+    return [os.path.join(directory, n) for n in names]
+
+
+def merge_datasets(prefixes: Sequence[str], output_prefix: str) -> dict:
+    """Merge ``prefixes`` into ``output_prefix.{bin,idx}``; returns counts."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    infos = [validate_indexed_dataset(p) for p in prefixes]
+    dtypes = {i.dtype for i in infos}
+    if len(dtypes) > 1:
+        detail = ", ".join(f"{i.prefix}: {i.dtype.__name__}" for i in infos)
+        raise DatasetFormatError(f"cannot merge datasets of different token dtypes ({detail}): they were made with "
+                                 "different tokenizers; re-run tools/preprocess_data.py with one tokenizer")
+    tmp_bin, tmp_idx = f"{output_prefix}.bin.tmp-{os.getpid()}", f"{output_prefix}.idx.tmp-{os.getpid()}"
+    try:
+        builder = IndexedDatasetBuilder(tmp_bin, dtype=infos[0].dtype)
+        for p in prefixes:
+            builder.add_index(p)
+        builder.finalize(tmp_idx)
+        if os.path.exists(output_prefix + ".idx"):
+            os.remove(output_prefix + ".idx")
+        os.replace(tmp_bin, output_prefix + ".bin")
+        os.replace(tmp_idx, output_prefix + ".idx")
+    finally:
+        for t in (tmp_bin, tmp_idx):
+            if os.path.exists(t):
+                os.remove(t)
+    return {"datasets": len(infos), "documents": sum(i.num_documents for i in infos),
+            "tokens": sum(i.num_tokens for i in infos)}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", nargs="+", help="dataset prefixes (without .bin/.idx), merged in this order")
+    src.add_argument("--input-dir", help="merge every PREFIX.idx/.bin pair in this directory (sorted)")
+    ap.add_argument("--output-prefix", required=True)
+    a = ap.parse_args(argv)
+    try:
+        prefixes = a.input or find_prefixes(a.input_dir)
+        out = merge_datasets(prefixes, a.output_prefix)
+    except DatasetFormatError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"merged {out['datasets']} datasets: {out['documents']} documents, {out['tokens']} tokens -> "
+          f"{a.output_prefix}.bin / .idx")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
