@@ -107,7 +107,20 @@ class PretrainStage(Stage):
         tp_group = self.trainer.grid.tp_group
         return out, lambda logits: obj.loss_from_logits(logits, inputs, normaliser, tp_group)
 
+    def flops_per_step(self, trainer: Trainer) -> float:
+        """Matmul FLOPs of a step (x3 for fwd+bwd): the body on every token, the output layer only
+        on the masked tokens (the head computes nothing else), at the last step's mask fraction."""
+        m = trainer.cfg.model
+        seq = int(trainer.cfg.data.seq_length)
+        tokens = self.tokens_per_step(trainer)
+        head = 2.0 * m.vocab_size * m.hidden_size
+        body = m.flops_per_token(seq, training=False) - head
+        return 3.0 * (body * tokens + head * tokens * self._mask_fraction)
+
+    _mask_fraction = 0.5
+
     def metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        self._mask_fraction = totals.get("num_masked", 0.0) / max(totals.get("num_tokens", 0.0), 1.0)
         tokens = max(totals.get("num_tokens", 0.0), 1.0)
         masked = max(totals.get("num_masked", 0.0), 1.0)
         return {"loss": totals.get("loss_sum", float("nan")) / tokens,

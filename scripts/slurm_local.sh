@@ -76,6 +76,8 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+# test cluster: look for runnable jobs (e.g. requeued ones) every 2 s, not every 30-60 s
+SchedulerParameters=sched_interval=2,bf_interval=2
 MpiDefault=none
 SwitchType=switch/none
 JobRequeue=1

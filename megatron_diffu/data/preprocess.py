@@ -211,8 +211,8 @@ def _line_number(path: str, offset: int) -> int:
     return count + 1
 
 
-def _utf8_error(data: bytes, err: UnicodeDecodeError) -> str:
-    return f"not UTF-8: invalid byte 0x{data[err.start]:02x} at byte offset {err.start}"
+def _utf8_error(data: bytes, err: UnicodeDecodeError, unit: str = "file") -> str:
+    return f"not UTF-8: invalid byte 0x{data[err.start]:02x} at byte {err.start} of the {unit}"
 
 
 def _iter_jsonl(chunk: Chunk, keys: Sequence[str]) -> Iterator[Tuple[str, Optional[Dict[str, str]], str]]:
@@ -254,7 +254,7 @@ def _parse_line(raw: bytes, keys: Sequence[str], where: Callable[[], str]):
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        return where(), None, _utf8_error(raw, err)
+        return where(), None, _utf8_error(raw, err, "line")
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as err:

@@ -207,7 +207,8 @@ class SFTDataConfig:
     sft_response_cutoff: bool = False  # cut padding beyond the micro-batch's longest conversation
     sft_tail_cut_prob: float = 0.0  # probability of keeping only a random part of the trailing padding
     sft_loss_normalization: str = "token"  # token: per response token | sequence: per sequence, then mean
-    sft_valid_fraction: float = 0.0  # held-out conversations when no valid_data_path is given
+    sft_valid_data_path: Optional[str] = None  # held-out SFT prefix (tools/preprocess_sft.py output)
+    sft_valid_fraction: float = 0.0  # seeded held-out fraction of data_path when no sft_valid_data_path
     sft_eval_humaneval_interval: int = 0  # 0 = never; else HumanEval pass@1 every N iterations
     sft_eval_humaneval_problems: int = 0  # 0 = all 164
     sft_eval_max_new_tokens: int = 256

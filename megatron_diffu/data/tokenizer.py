@@ -375,7 +375,8 @@ def train_sentencepiece(files: Sequence[str], vocab_size: int, out_prefix: str,
                         model_type: str = "bpe", max_sentence_length: int = 16384) -> str:
     """Train a small SentencePiece model on text/code files (for tests); returns ``PREFIX.model``.
 
-    Deterministic for the same inputs (single thread, no sampling of the input).
+    Deterministic for the same inputs (single thread, no sampling of the input); identity
+    normalisation, so ``decode(encode(code)) == code`` (newlines and indentation survive).
     """
     import sentencepiece as spm
 
@@ -386,5 +387,6 @@ def train_sentencepiece(files: Sequence[str], vocab_size: int, out_prefix: str,
         shuffle_input_sentence=False, max_sentence_length=max_sentence_length,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
         remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity", add_dummy_prefix=False,  # code: exact round trip
     )
     return out_prefix + ".model"

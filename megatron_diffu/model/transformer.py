@@ -21,6 +21,7 @@ Layout decisions (see docs/DESIGN.md for the interface):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import zlib
@@ -343,6 +344,13 @@ class DiffusionTransformer(nn.Module):
         s = seq_length // self.tp_size if self.sequence_parallel else seq_length
         return (micro_batch_size, s, self.cfg.hidden_size)
 
+    def _layer_context(self):
+        """FP8 autocast around the decoder layers (TE backend with fp8_format), else a no-op."""
+        if self.cfg.fp8_format is None:
+            return contextlib.nullcontext()
+        from .te_backend import fp8_context
+        return fp8_context(self.cfg, self.tp_group)
+
     def _use_full_recompute(self, index: int) -> bool:
         if self.cfg.recompute_granularity != "full" or not self.training or not torch.is_grad_enabled():
             return False
@@ -372,13 +380,14 @@ class DiffusionTransformer(nn.Module):
             position_ids = default_position_ids(attention_mask, b, s, prefix_len, device)
         cos, sin = rotary_cos_sin(position_ids.expand(b, s), self.cfg.head_dim, self.cfg.rotary_base, x.dtype)
         kvs = []
-        for index, layer in enumerate(self.decoder.layers.values()):
-            pkv = prefix_kv[index] if prefix_kv is not None else None
-            if self._use_full_recompute(index):
-                x, kv = checkpoint(layer, x, mask, cos, sin, pkv, use_reentrant=False)
-            else:
-                x, kv = layer(x, mask, cos, sin, pkv)
-            kvs.append(kv)
+        with self._layer_context():
+            for index, layer in enumerate(self.decoder.layers.values()):
+                pkv = prefix_kv[index] if prefix_kv is not None else None
+                if self._use_full_recompute(index):
+                    x, kv = checkpoint(layer, x, mask, cos, sin, pkv, use_reentrant=False)
+                else:
+                    x, kv = layer(x, mask, cos, sin, pkv)
+                kvs.append(kv)
         out = self._head(x, logit_positions) if self.post_process else x
         return (out, kvs) if return_kv else out
 

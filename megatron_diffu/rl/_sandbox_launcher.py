@@ -25,7 +25,8 @@ import sys
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_MOVE, MS_REC, MS_PRIVATE = 32, 4096, 8192, 16384, 1 << 18
 MNT_DETACH = 2
-PR_SET_NO_NEW_PRIVS = 38
+PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_SECUREBITS = 38, 24, 28
+SECBIT_NOROOT, SECBIT_NOROOT_LOCKED = 1, 2
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217}
 
 # Runs in the sandboxed interpreter (`python -I -c RUNNER path nonce_fd done_fd basic`). It reads
@@ -158,11 +159,19 @@ def _apply_limits(spec: dict) -> None:
 
 
 def _drop_privileges(uid) -> None:
+    """Leave the program no capabilities, now or after any exec."""
+    if uid is None:
+        # User-namespace mode: we stay uid 0 of the namespace, whose capabilities would let the
+        # program undo our read-only binds: exec() must not grant capabilities to uid 0.
+        _check(_libc.prctl(PR_SET_SECUREBITS, SECBIT_NOROOT | SECBIT_NOROOT_LOCKED, 0, 0, 0), "securebits")
+    for cap in range(64):  # empty the bounding set (needs CAP_SETPCAP, so before setuid)
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            break  # EINVAL past the last capability this kernel knows
     if uid is not None:
         os.setgroups([])
         os.setresgid(uid, uid, uid)
-        os.setresuid(uid, uid, uid)  # capabilities are cleared by the kernel on this transition
-    _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # no setuid binary can give them back
+        os.setresuid(uid, uid, uid)  # the kernel clears the capability sets on this transition
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")  # no setuid binary gives any back
 
 
 def _program_argv(spec: dict, path: str) -> list:

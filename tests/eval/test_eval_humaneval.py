@@ -21,7 +21,8 @@ def test_all_164_canonical_solutions_pass(problems):
     assert len(problems) == 164
     samples = [{"task_id": t, "completion": p.canonical_solution} for t, p in problems.items()]
     t0 = time.monotonic()
-    results = evaluate_samples(samples, problems, n_workers=2, timeout=10.0)
+    # -S: HumanEval's tests need only the stdlib, and a bare interpreter starts ~1.6x faster.
+    results = evaluate_samples(samples, problems, n_workers=2, timeout=10.0, no_site=True)
     elapsed = time.monotonic() - t0
     failed = [(r["task_id"], r["result"]) for r in results if not r["passed"]]
     assert failed == []
@@ -123,3 +124,16 @@ def test_progress_reports_rate_and_eta():
     prog = he.Progress(4, "work", every_s=0.0, log=lines.append)
     prog.update(2)
     assert lines[-1].startswith("work: 2/4 (") and "ETA" in lines[-1]
+
+
+def test_input_output_pairs(tmp_path):
+    path = tmp_path / "io.jsonl"
+    row = {"task_id": "IO/0", "prompt": "Read two integers and print their sum.", "include_prompt": False,
+           "tests": [{"input": "1 2\n", "output": "3\n"}, {"input": "5 5", "output": "10  \n\n"}]}
+    path.write_text(json.dumps(row) + "\n")
+    probs = load_problems(str(path))
+    right = "a, b = map(int, input().split())\nprint(a + b)\n"
+    res = evaluate_samples([{"task_id": "IO/0", "completion": right},
+                            {"task_id": "IO/0", "completion": "print(3)"}], probs)
+    assert [r["passed"] for r in res] == [True, False]
+    assert "wrong output for input '5 5'" in res[1]["result"]

@@ -84,7 +84,17 @@ def tp_worker(rank, tied):
         logits, loss = run_model(model, ids, pad, positions, grid.tp_group)
         allreduce_sequence_parallel_grads(model, grid.tp_group)
         results[sp] = (logits, loss, global_grads(model, grid.tp_group))
+    results["kv"] = kv_and_prefix(model, ids, pad, grid.tp_group)  # the SP model
     return portable(results)
+
+
+def kv_and_prefix(model, ids, pad, tp_group):
+    """return_kv (local KV heads) and a prefix-cached call of the last 4 tokens."""
+    with torch.no_grad():
+        _, kv = model(ids, attention_mask=pad, return_kv=True)
+        prefix = [(k[:, :, :4], v[:, :, :4]) for k, v in kv]
+        suffix = model(ids[:, 4:], attention_mask=pad, prefix_kv=prefix)
+    return kv, gather_vocab_parallel_logits(suffix, tp_group)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
@@ -94,7 +104,7 @@ def tp_runs(request):
     ids, pad, positions = make_inputs(cfg)
     model = DiffusionTransformer(cfg)
     logits, loss = run_model(model, ids, pad, positions, None)
-    ref = (logits, loss, {n: p.grad.clone() for n, p in model.named_parameters()})
+    ref = (logits, loss, {n: p.grad.clone() for n, p in model.named_parameters()}, kv_and_prefix(model, ids, pad, None))
     # the loss itself against torch on the full logits
     full = model(ids, attention_mask=pad)
     torch.testing.assert_close(loss, F.cross_entropy(full[positions], ids[positions]), atol=1e-6, rtol=1e-6)
@@ -103,7 +113,7 @@ def tp_runs(request):
 
 @pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sp"])
 def test_tp2_equals_tp1(tp_runs, sp):
-    (ref_logits, ref_loss, ref_grads), ranks = tp_runs
+    (ref_logits, ref_loss, ref_grads, _), ranks = tp_runs
     for rank_result in ranks:
         logits, loss, grads = rank_result[sp]
         torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-5)
@@ -112,6 +122,17 @@ def test_tp2_equals_tp1(tp_runs, sp):
         for name in ref_grads:
             assert ref_grads[name].abs().sum() > 0, name  # every parameter really gets a gradient
             torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_tp2_kv_cache_shards(tp_runs):
+    (_, _, _, (ref_kv, ref_suffix)), ranks = tp_runs
+    for rank, r in enumerate(ranks):
+        kv, suffix = r["kv"]
+        torch.testing.assert_close(suffix, ref_suffix, atol=2e-5, rtol=1e-5)
+        for (k, v), (rk, rv) in zip(kv, ref_kv):
+            assert k.shape == (B, 1, S, 16)  # 2 KV heads over 2 ranks
+            torch.testing.assert_close(k, rk[:, rank:rank + 1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v, rv[:, rank:rank + 1], atol=1e-5, rtol=1e-5)
 
 
 def vocab_worker(rank):

@@ -98,3 +98,11 @@ def test_mismatched_lengths_and_bad_problems_are_reported():
         pass_rates([CORRECT, CORRECT], [PROBLEM])
     with pytest.raises(ValueError, match="problems\\[0\\].*no tests"):
         pass_rates([CORRECT], [{"task_id": "x", "prompt": "p"}])
+
+
+def test_pass_rate_counts_input_output_pairs():
+    prob = {"task_id": "io", "prompt": "sum", "include_prompt": False,
+            "tests": [{"input": "1 2\n", "output": "3\n"}, {"input": "5 5\n", "output": "10\n"}]}
+    right = fenced("a, b = map(int, input().split())\nprint(a + b)")
+    half = fenced("print(3)")
+    assert pass_rates([right, half], [prob, prob]) == [1.0, 0.5]

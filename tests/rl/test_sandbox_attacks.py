@@ -188,3 +188,22 @@ def test_basic_mode_refuses_sockets_and_times_out(machine):
     assert res.status == "failed" and "network access is disabled" in res.error, res
     res = run_python("while True: pass", mode="basic", timeout_s=1.0)
     assert res.status == "timeout", res
+
+
+CAPS_CODE = ("fields = dict(l.split(':', 1) for l in open('/proc/self/status'))\n"
+             "print(*(fields[k].strip() for k in ('CapEff', 'CapPrm', 'CapBnd', 'NoNewPrivs')))\n"
+             "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+             "print(libc.mount(None, b'/usr', None, 32 | 4096, None), ctypes.get_errno())\n")
+
+
+@needs_jail
+@pytest.mark.parametrize("as_non_root", [False, True])
+def test_no_capabilities_and_binds_cannot_be_made_writable(machine, monkeypatch, as_non_root):
+    if as_non_root:  # the path a non-root caller takes: unshare --user --map-root-user, no uid switch
+        monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    res = run_python(CAPS_CODE)
+    assert res.status == "passed", res
+    caps, remount = res.stdout.splitlines()
+    assert caps == "0000000000000000 0000000000000000 0000000000000000 1"
+    assert remount == "-1 1"  # mount(MS_REMOUNT|MS_BIND) on /usr: EPERM
+    assert (res.sandbox_uid is None) == as_non_root
