@@ -80,8 +80,9 @@ def to_hf(model: DiffusionTransformer):
     return hf
 
 
-def time_steps(step, iters: int, device: str) -> float:
-    step()  # warm-up (allocations, kernel selection)
+def time_steps(step, iters: int, device: str, warmup: int = 1) -> float:
+    for _ in range(warmup):  # allocations, kernel selection
+        step()
     sync(device)
     t = time.perf_counter()
     for _ in range(iters):
@@ -117,11 +118,11 @@ def bench_preset(name: str, args) -> list[tuple]:
         vocab_parallel_cross_entropy(sel, ids[positions]).mean().backward()
 
     rows = []
-    t_ours = time_steps(ours(), args.iters, dev)
+    t_ours = time_steps(ours(), args.iters, dev, args.warmup)
     rows.append((name, "ours (no mask)", t_ours, tokens / t_ours, flops / t_ours))
-    t_mask = time_steps(ours(full_mask), args.iters, dev)
+    t_mask = time_steps(ours(full_mask), args.iters, dev, args.warmup)
     rows.append((name, "ours (4-D full mask)", t_mask, tokens / t_mask, flops / t_mask))
-    t_sel = time_steps(ours_selected, args.iters, dev)
+    t_sel = time_steps(ours_selected, args.iters, dev, args.warmup)
     sel_flops = flops - 3 * 2 * v * cfg.hidden_size * tokens * (1 - positions.float().mean().item())
     rows.append((name, "ours (logits at 50%)", t_sel, tokens / t_sel, sel_flops / t_sel))
     if cfg.transformer_impl == "local" and not args.skip_hf:
@@ -135,7 +136,7 @@ def bench_preset(name: str, args) -> list[tuple]:
             logits = hf(input_ids=ids, attention_mask={"full_attention": full_mask}).logits
             F.cross_entropy(logits.float().view(-1, v), ids.view(-1)).backward()
 
-        t_hf = time_steps(hf_step, args.iters, dev)
+        t_hf = time_steps(hf_step, args.iters, dev, args.warmup)
         rows.append((name, "transformers Qwen2 (4-D full mask)", t_hf, tokens / t_hf, flops / t_hf))
     return rows
 
@@ -146,6 +147,7 @@ def main() -> None:
     ap.add_argument("--seq-length", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = leave as is)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true")

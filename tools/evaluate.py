@@ -25,12 +25,11 @@ import json
 import logging
 import os
 import sys
-from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_diffu.eval.humaneval import (DEFAULT_TIMEOUT_S, evaluate_samples, load_problems,  # noqa: E402
-                                           passed_by_task, read_jsonl, run_evaluation)
+from megatron_diffu.eval.humaneval import (DEFAULT_TIMEOUT_S, ProblemFormatError, evaluate_samples,  # noqa: E402
+                                           load_problems, passed_by_task, read_jsonl, run_evaluation)
 from megatron_diffu.eval.passk import aggregate_pass_at_k  # noqa: E402
 
 logger = logging.getLogger("evaluate")
@@ -57,6 +56,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
         tname = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         conv = _bool if tname == "bool" else SAMPLING_FLAG_TYPES.get(tname, str)
         group.add_argument("--" + f.name.replace("_", "-"), dest=f"sampling_{f.name}", type=conv, default=None,
+                           metavar=f.name.upper(),
                            help=f"SamplingConfig.{f.name} (default {f.default!r})")
 
 
@@ -83,8 +83,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chat", action="store_true",
                    help="instruct model: wrap the prompt in the chat template, take the ```python block")
     p.add_argument("--limit", type=int, default=None, help="only the first N problems (smoke tests)")
-    add_sampling_flags(p)
-    args = p.parse_args(argv)
+    raw = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("--load", "-h", "--help") or a.startswith("--load=") for a in raw):
+        add_sampling_flags(p)  # imports the sampler (and torch): only when generating
+    args = p.parse_args(raw)
     if bool(args.samples) == bool(args.load):
         p.error("give exactly one of --samples FILE (score) or --load CKPT (generate and score)")
     if args.load and not args.out:
@@ -112,6 +114,8 @@ def score_samples(args: argparse.Namespace, problems) -> dict:
         for key in ("task_id", "completion"):
             if key not in rec:
                 raise SystemExit(f"{args.samples}:{lineno}: missing field {key!r} (need task_id and completion)")
+        if not isinstance(rec["completion"], str):
+            raise SystemExit(f"{args.samples}:{lineno}: field 'completion' must be a string")
         if rec["task_id"] not in problems:
             raise SystemExit(f"{args.samples}:{lineno}: task_id {rec['task_id']!r} is not in the problem file")
         samples.append(rec)
@@ -176,11 +180,17 @@ def build_generate_fn(args: argparse.Namespace):
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
-    problems = load_problems(args.problems)
+    try:
+        problems = load_problems(args.problems)
+    except (ProblemFormatError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}")
     if args.limit:
         problems = dict(list(problems.items())[:args.limit])
     if args.samples:
-        report = score_samples(args, problems)
+        try:
+            report = score_samples(args, problems)
+        except (ProblemFormatError, FileNotFoundError) as exc:
+            raise SystemExit(f"error: {exc}")
     else:
         report = run_evaluation(build_generate_fn(args), problems, args.n_samples, args.out,
                                 resume=not args.no_resume, batch_size=args.batch_size, n_workers=args.n_workers,

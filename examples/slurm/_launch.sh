@@ -8,10 +8,11 @@
 #                                                            resumes from `latest` (--load = --save)
 #   other  a real failure                                 -> the job fails with that code
 #
-# srun returns the largest exit code of its tasks, so 75 means every rank saved and exited
-# cleanly; a crashed rank (its traceback is in the job log, prefixed by its task id) gives 1 or a
-# signal code, and --kill-on-bad-exit=1 stops the other ranks at once instead of letting them
-# hang in a collective.
+# Each task runs through _task.sh, which maps the trainer's 75 to exit 0 + a marker file (so that
+# --kill-on-bad-exit=1 does not SIGTERM ranks still finishing the checkpoint); the step counts as
+# pre-empted when it exits 0 with markers. A crashed rank (its traceback is in the job log,
+# prefixed by its task id) makes srun return non-zero, and --kill-on-bad-exit=1 stops the other
+# ranks at once instead of letting them hang in a collective.
 #
 # Inputs (environment; sbatch exports the submitter's environment, and keeps it on requeue):
 #   STAGE            pretrain | sft | grpo (set by the sbatch script)
@@ -83,9 +84,17 @@ else
   LOAD=()
 fi
 
+# tasks that exit 75 (checkpointed after a signal) leave a marker here and exit 0 (_task.sh)
+export MDIFFU_EXIT_MARK=$SAVE/.exit-markers/${SLURM_JOB_ID:-local}
+rm -rf "$MDIFFU_EXIT_MARK" && mkdir -p "$MDIFFU_EXIT_MARK"
+
 srun --kill-on-bad-exit=1 --cpu-bind="$CPU_BIND" --label "${CONTAINER[@]}" \
+  bash "$ROOT/examples/slurm/_task.sh" \
   "${PY[@]}" -m "megatron_diffu.$STAGE" --config "$CONFIG" --save "$SAVE" "${LOAD[@]}" "$@"
 rc=$?
+marked=$(find "$MDIFFU_EXIT_MARK" -name 'task-*' 2>/dev/null | wc -l)
+rm -rf "$MDIFFU_EXIT_MARK"
+[ "$rc" -eq 0 ] && [ "$marked" -gt 0 ] && rc=$EXIT_REQUEUE
 
 case $rc in
   0)

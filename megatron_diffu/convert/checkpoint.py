@@ -96,10 +96,11 @@ def _plan_tokenizer(src: Path, tok_out: Path, model_type: str, rows: int, tp: in
         plan.note = "no tokenizer.json in the source: tokenizer not converted, no mask token added"
         return plan
     from megatron_diffu.data.tokenizer import HuggingFaceTokenizer
-    from tokenizers import Tokenizer as RawTokenizer
 
-    source = RawTokenizer.from_file(str(src / "tokenizer.json"))
-    n_source = source.get_vocab_size(with_added_tokens=True)
+    spec = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+    source_added = {int(t["id"]): t["content"] for t in spec.get("added_tokens", [])}
+    n_source = max([len(spec.get("model", {}).get("vocab", {}))] + [i + 1 for i in source_added])
+    del spec
     tok = HuggingFaceTokenizer(str(src / "tokenizer.json"))
     plan.tokens = {"mask_token_id": tok.mask_id, "pad_token_id": tok.pad_id, "eos_token_id": tok.eod_id,
                    "bos_token_id": tok.bos_id if tok.bos_id is not None else tok.eod_id}
@@ -109,12 +110,11 @@ def _plan_tokenizer(src: Path, tok_out: Path, model_type: str, rows: int, tp: in
         return plan
     # the Dream-compatible tokenizer (data/tokenizer.py) is what training uses: write it out
     (tok_out / "tokenizer.json").write_text(tok._tok.to_str())  # noqa: SLF001 - the tokenizers object
-    _update_tokenizer_config(tok_out / "tokenizer_config.json", tok)
     # new = an id the source did not have, or whose token changed (Qwen3 extras replaced by Dream's)
-    changed = {i for i in range(min(n_source, tok.vocab_size)) if i >= tok.eod_id
-               and source.id_to_token(i) != tok.id_to_token(i)}
+    changed = {i for i, content in source_added.items() if i < tok.vocab_size and tok.id_to_token(i) != content}
     plan.new_ids = sorted(changed | set(range(n_source, tok.vocab_size)))
     plan.mean_over_rows = min(plan.new_ids[0] if plan.new_ids else n_source, rows)
+    _update_tokenizer_config(tok_out / "tokenizer_config.json", tok, plan.new_ids)
     if tok.vocab_size > rows:
         from megatron_diffu.data.tokenizer import padded_vocab_size
         plan.target_rows = padded_vocab_size(tok.vocab_size, 128, tp)
@@ -123,19 +123,15 @@ def _plan_tokenizer(src: Path, tok_out: Path, model_type: str, rows: int, tp: in
     return plan
 
 
-def _update_tokenizer_config(path: Path, tok) -> None:
+def _update_tokenizer_config(path: Path, tok, new_ids: list[int]) -> None:
     """Record the added specials in tokenizer_config.json (if present) so AutoTokenizer names them."""
     if not path.exists():
         return
     cfg = json.loads(path.read_text())
     dec = cfg.setdefault("added_tokens_decoder", {})
-    for idx in range(tok.vocab_size):
-        if str(idx) in dec:
-            continue
-        content = tok.id_to_token(idx)
-        if idx >= 151643 and content is not None:  # only the special range; BPE ids are not "added"
-            dec[str(idx)] = {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
-                             "single_word": False, "special": True}
+    for idx in sorted(set(new_ids) | {tok.mask_id, tok.pad_id}):
+        dec[str(idx)] = {"content": tok.id_to_token(idx), "lstrip": False, "normalized": False, "rstrip": False,
+                         "single_word": False, "special": True}
     cfg["mask_token"] = tok.id_to_token(tok.mask_id)
     cfg["pad_token"] = tok.id_to_token(tok.pad_id)
     path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))

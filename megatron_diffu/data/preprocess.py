@@ -407,6 +407,10 @@ def run_preprocess(cfg: PreprocessConfig) -> Summary:
     if in_main_thread:
         signal.signal(signal.SIGTERM, _raise_terminated)
     pool = None
+    # One core per worker (also for --workers 1, which tokenizes in this process): the
+    # workers are the parallelism, so the Rust tokenizer's own thread pool stays off.
+    old_parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         tok = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model)
         builders = _open_final_builders(finals, tmpdir, tok)
@@ -432,6 +436,10 @@ def run_preprocess(cfg: PreprocessConfig) -> Summary:
             pool.terminate()
             pool.join()
         shutil.rmtree(tmpdir, ignore_errors=True)
+        if old_parallelism is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old_parallelism
         if in_main_thread:
             signal.signal(signal.SIGTERM, old_term)
 
@@ -470,8 +478,14 @@ def _merge(builders, res: ChunkResult) -> None:
 def _finalize(builders, finals: Dict[str, str], tmpdir: str) -> None:
     for key, builder in builders.items():
         builder.finalize(os.path.join(tmpdir, f"final_{key}.idx"))
-    for key, prefix in finals.items():
-        if os.path.exists(prefix + ".idx"):
-            os.remove(prefix + ".idx")  # never pair an old .idx with the new .bin
-        os.replace(os.path.join(tmpdir, f"final_{key}.bin"), prefix + ".bin")
-        os.replace(os.path.join(tmpdir, f"final_{key}.idx"), prefix + ".idx")
+    # The renames run with SIGINT/SIGTERM held back, so a signal cannot split a .bin from its .idx.
+    blocked = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        for key, prefix in finals.items():
+            if os.path.exists(prefix + ".idx"):
+                os.remove(prefix + ".idx")  # never pair an old .idx with the new .bin
+            os.replace(os.path.join(tmpdir, f"final_{key}.bin"), prefix + ".bin")
+            os.replace(os.path.join(tmpdir, f"final_{key}.idx"), prefix + ".idx")
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

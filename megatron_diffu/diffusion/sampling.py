@@ -30,10 +30,12 @@ Decisions beyond Dream (documented here because callers depend on them):
   to right, ``steps / num_blocks`` steps each with its own ``linspace(1, eps, .)`` schedule; only
   the current block's masks are candidates and counted (LLaDA's semi-AR rule).
 * **Threshold** (Fast-dLLM parallel decoding): instead of the schedule's k, a step reveals every
-  candidate whose confidence exceeds ``threshold`` and at least the most confident one; a block
-  ends as soon as it has no masks, and its last allotted step reveals everything left, so
-  ``steps`` stays an upper bound on forward passes. The threshold is compared with the alg's own
-  confidence (entropy confidences are <= 0). Not allowed with ``origin`` or ``alg_temp > 0``.
+  candidate whose chosen token has probability > ``threshold`` (Fast-dLLM's criterion, so the
+  threshold is a probability whatever the alg) and at least the candidate with the highest alg
+  confidence; a block ends as soon as it has no masks, and its last allotted step reveals
+  everything left, so ``steps`` stays an upper bound on forward passes. ``threshold > 1`` is
+  therefore exactly one token per step (top-1 by the alg's confidence). Not allowed with
+  ``origin`` or ``alg_temp > 0``.
 * **Cache** (``use_cache``, Fast-dLLM prefix cache, approximate): at the first step of every
   block one full forward also returns the keys/values; the next steps of that block run only
   positions ``[block_start - 1, L)`` with the keys/values of ``[0, block_start - 1)`` as
@@ -185,19 +187,20 @@ def filtered_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
 
 
 def sample_and_confidence(probs: torch.Tensor, cfg: SamplingConfig,
-                          gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens [n] and their confidence [n] for one row's candidate positions."""
+                          gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens [n], the alg's confidence [n] and the tokens' probabilities [n] for one row's candidates."""
     if cfg.temperature > 0:
         x0 = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-        conf = probs.gather(-1, x0[:, None]).squeeze(-1)
+        p_tok = probs.gather(-1, x0[:, None]).squeeze(-1)
     else:
-        conf, x0 = probs.max(dim=-1)
+        p_tok, x0 = probs.max(dim=-1)
+    conf = p_tok
     if cfg.alg == "topk_margin":
         top2 = torch.topk(probs, 2, dim=-1).values
         conf = top2[:, 0] - top2[:, 1]
     elif cfg.alg == "entropy":
         conf = (probs * torch.log(probs + 1e-10)).sum(dim=-1)
-    return x0, conf
+    return x0, conf, p_tok
 
 
 def schedule_count(masked: int, t: torch.Tensor, s: torch.Tensor, last: bool) -> int:
@@ -211,12 +214,12 @@ def _reveal_row(probs: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator, 
                 s: torch.Tensor, last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One row's step for the confidence algs: (indices into the candidates to reveal, their tokens)."""
     n = probs.shape[0]
-    x0, conf = sample_and_confidence(probs, cfg, gen)
+    x0, conf, p_tok = sample_and_confidence(probs, cfg, gen)
     if cfg.threshold is not None:
         if last:
             chosen = torch.arange(n, device=probs.device)
         else:
-            above = conf > cfg.threshold
+            above = p_tok > cfg.threshold
             above[conf.argmax()] = True  # at least one token per step
             chosen = above.nonzero().squeeze(-1)
         return chosen, x0[chosen]
@@ -431,7 +434,7 @@ def _step(x: torch.Tensor, block_logits: torch.Tensor, cand: torch.Tensor, lo: i
         if cfg.alg == "origin":
             chosen, _ = _origin_positions(n, t, s, last, gens[b], probs.device)
             if chosen.numel():
-                tokens, _ = sample_and_confidence(filtered_probs(probs[chosen], cfg), cfg, gens[b])
+                tokens = sample_and_confidence(filtered_probs(probs[chosen], cfg), cfg, gens[b])[0]
                 x[b, lo + pos[chosen]] = tokens
             continue
         chosen, tokens = _reveal_row(probs, cfg, gens[b], t, s, last)

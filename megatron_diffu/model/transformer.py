@@ -224,7 +224,14 @@ class TransformerLayer(nn.Module):
 
 # ---------------------------------------------------------------------- the model
 class DiffusionTransformer(nn.Module):
-    """See the module docstring and DESIGN.md (Model)."""
+    """The model of DESIGN.md (Model); see the module docstring for layout decisions.
+
+    Args beyond DESIGN.md: `sequence_parallel` (split the sequence over TP between blocks; the
+    parallel section of the run config owns the flag, hence an argument and not a config field;
+    ignored at TP=1), `device` (where parameters are allocated), `init_weights=False` (skip the
+    seeded init when a checkpoint will be loaded anyway).
+    forward(...) also accepts `hidden_states=` (stages built with pre_process=False).
+    """
 
     def __init__(self, cfg: TransformerConfig, grid: Optional[ProcessGrid] = None, pre_process: bool = True,
                  post_process: bool = True, layer_ids: Optional[Sequence[int]] = None,

@@ -62,7 +62,8 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     if n == 1:
         return x
     if x.shape[dim] % n:
-        raise ValueError(f"cannot reduce-scatter dim {dim} of size {x.shape[dim]} over {n} ranks")
+        raise ValueError(f"cannot reduce-scatter dim {dim} of size {x.shape[dim]} over {n} tensor-parallel ranks: "
+                         f"with --sequence-parallel the sequence length must be divisible by the TP size")
     x = x.movedim(dim, 0).contiguous()
     out = torch.empty((x.shape[0] // n,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     _reduce_scatter_single(out, x, group=group)

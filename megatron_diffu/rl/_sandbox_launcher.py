@@ -25,7 +25,7 @@ import sys
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_MOVE, MS_REC, MS_PRIVATE = 32, 4096, 8192, 16384, 1 << 18
 MNT_DETACH = 2
-PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_SECUREBITS = 38, 24, 28
+PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_SET_DUMPABLE = 38, 24, 28, 4
 SECBIT_NOROOT, SECBIT_NOROOT_LOCKED = 1, 2
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217}
 
@@ -206,6 +206,9 @@ def main() -> None:
     if spec["mode"] == "basic":
         os.close(status_fd)  # nothing to report after exec; the caller reads the exit status
         _exec_program(spec, spec["program_path"])
+    # Not dumpable: in user-namespace mode the program has our uid, and must not ptrace us (we
+    # keep the namespace's capabilities); the exec'd program gets its own dumpable flag back.
+    _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     try:
         _build_root(spec)
     except BaseException as exc:  # noqa: BLE001

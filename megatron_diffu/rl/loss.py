@@ -103,3 +103,56 @@ def _metrics(
     if entropy is not None:
         out["entropy"] = mean(entropy.detach())
     return out
+
+
+def chunked_grpo_backward(
+    model,
+    tokens: torch.Tensor,
+    maskable: torch.Tensor,
+    completion_mask: torch.Tensor,
+    sample_index: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logp: Optional[torch.Tensor],
+    ref_logp: Optional[torch.Tensor],
+    *,
+    mask_seed: int,
+    mask_id: int,
+    chunk_size: int,
+    eps_low: float = 0.5,
+    eps_high: float = 0.5,
+    beta: float = 0.01,
+    estimator: str = "coupled",
+    tp_group=None,
+    num_tokens: Optional[float] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    position_ids: Optional[torch.Tensor] = None,
+    return_entropy: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Current-policy estimate + loss + backward, `chunk_size` sequences at a time.
+
+    Memory is bounded by one chunk's graph (copies * chunk_size rows), and the gradients equal
+    those of the whole batch because every chunk's loss uses the same global normaliser
+    (`num_tokens`, default: this batch's completion tokens; a stage splitting a step over
+    micro-batches / DP ranks passes the step's global count). Returns the summed metrics
+    (each metric is a mean over `num_tokens`, so chunk values add up) plus "loss".
+    """
+    from megatron_diffu.rl.coupled import estimate_log_probs
+
+    if num_tokens is None:
+        num_tokens = float(completion_mask.sum().clamp(min=1))
+    totals: dict[str, torch.Tensor] = {}
+    for lo in range(0, tokens.shape[0], max(1, int(chunk_size))):
+        sl = slice(lo, lo + max(1, int(chunk_size)))
+        logp, ent = estimate_log_probs(
+            model, tokens[sl], maskable[sl], sample_index[sl], mask_seed, mask_id, estimator,
+            None if attention_mask is None else attention_mask[sl],
+            None if position_ids is None else position_ids[sl], tp_group, None, return_entropy,
+        )
+        out = grpo_loss(
+            logp, advantages[sl], completion_mask[sl], None if old_logp is None else old_logp[sl],
+            None if ref_logp is None else ref_logp[sl], eps_low, eps_high, beta, num_tokens, ent,
+        )
+        out.loss.backward()
+        for k, v in dict(out.metrics, loss=out.loss.detach()).items():
+            totals[k] = totals.get(k, 0.0) + v
+    return totals

@@ -26,8 +26,14 @@ process by running a probe program):
   supplementary groups, no capabilities, no_new_privs), so it cannot remount, chroot out, or
   touch root-owned files, and `RLIMIT_NPROC` counts only *its own* processes (a fork bomb is
   capped at `max_procs` per run, without starving concurrent runs).
+- Non-root callers (user namespace): the program is uid 0 of its namespace but holds no
+  capabilities (bounding set emptied, SECBIT_NOROOT locked, no_new_privs), so it cannot undo the
+  read-only binds; the launcher (pid 1) is not dumpable, so it cannot be ptraced either. Files are
+  then also protected by the caller's own permissions; RLIMIT_NPROC is not applied (it would
+  count all of the caller's processes).
 - rlimits: address space (`memory_mb`, per process), CPU seconds (SIGXCPU), file size, open
-  files, core dumps off. A wall-clock timeout kills the whole process group (`killpg`).
+  files, core dumps off. A wall-clock timeout kills the whole process group (`killpg`). No
+  cgroup is used: the worst-case memory of one run is memory_mb x max_procs plus disk_mb.
 - stdin is /dev/null; stdout/stderr are read incrementally and the run is killed once either
   exceeds `max_output_bytes`; the environment is a fixed minimal one (no parent variables);
   Python runs isolated (`-I`: no PYTHON* variables, no user site, no cwd on sys.path).
@@ -37,12 +43,15 @@ process by running a probe program):
   Deliberate introspection of the runner's frame could still forge it; that is outside the model.
 - A concurrency limit (process-wide semaphore, `set_max_concurrency`) bounds the machine's load.
 
-Fallback ("basic" mode, when namespaces are unavailable, e.g. an unprivileged container; a
-warning is logged): fresh session + killpg, rlimits (NPROC only for non-root), temp working
-directory, minimal environment, closed stdin, output caps, and sockets refused by patching the
-`socket` module in the runner. This is best effort only: files outside the directory are
-protected only by permissions, a program can escape killpg with setsid, and ctypes can bypass
-the socket patch. Force a mode with MDIFFU_SANDBOX_MODE=jail|basic.
+Fallback ("basic" mode, when namespaces are unavailable, e.g. a container without
+CAP_SYS_ADMIN; a warning is logged): fresh session + killpg, rlimits, temp working directory,
+minimal environment, /dev/null stdin, output caps, the nonce check, and sockets refused by
+patching the `socket` module in the runner. As root, when other users can run the interpreter
+and reach the temp directory, the program still runs under a fresh uid (it cannot signal us or
+write root's files, RLIMIT_NPROC applies, and afterwards `kill -9 -1` run as that uid removes
+every process it left, setsid or not). Otherwise it is best effort only: files are protected
+only by permissions, a program can signal its parent and escape killpg with setsid, and ctypes
+can bypass the socket patch. Force a mode with MDIFFU_SANDBOX_MODE=jail|basic.
 """
 from __future__ import annotations
 
@@ -101,6 +110,7 @@ class SandboxResult:
 _semaphore_lock = threading.Lock()
 _semaphore = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
 _mode_cache: Optional[str] = None
+_mode_lock = threading.Lock()
 
 
 def set_max_concurrency(n: int) -> None:
@@ -137,19 +147,25 @@ def sandbox_mode() -> str:
         if forced not in ("jail", "basic"):
             raise ValueError(f"MDIFFU_SANDBOX_MODE must be 'jail' or 'basic', got {forced!r}")
         return forced
-    if _mode_cache is None:
-        try:
-            probe = _run("print('ok')", mode="jail", timeout_s=20.0, memory_mb=512, cpu_s=10, file_size_mb=1,
-                         max_procs=8, max_output_bytes=1024, disk_mb=8, no_site=True)
-            ok = probe.status == "passed" and probe.stdout.strip() == "ok"
-            reason = probe.error or probe.stderr[-500:]
-        except (SandboxSetupError, OSError) as exc:
-            ok, reason = False, str(exc)
-        _mode_cache = "jail" if ok else "basic"
-        if not ok:
-            logger.warning("sandbox: namespaces unavailable (%s); falling back to 'basic' mode: "
-                           "files outside the work dir are NOT protected, sockets refused in Python only", reason)
+    with _mode_lock:
+        if _mode_cache is None:
+            _mode_cache = _probe_mode()
     return _mode_cache
+
+
+def _probe_mode() -> str:
+    """Run a trivial program in the jail; any failure means namespaces are not usable here."""
+    try:
+        probe = _run("print('ok')", mode="jail", timeout_s=20.0, memory_mb=512, cpu_s=10, file_size_mb=1,
+                     max_procs=8, max_output_bytes=1024, disk_mb=8, no_site=True)
+        ok = probe.status == "passed" and probe.stdout.strip() == "ok"
+        reason = probe.error or probe.stderr[-500:]
+    except (SandboxSetupError, OSError) as exc:
+        ok, reason = False, str(exc)
+    if not ok:
+        logger.warning("sandbox: namespaces unavailable (%s); falling back to 'basic' mode: "
+                       "files outside the work dir are NOT protected, sockets refused in Python only", reason)
+    return "jail" if ok else "basic"
 
 
 def run_python(
@@ -164,6 +180,7 @@ def run_python(
     disk_mb: int = 64,
     no_site: bool = False,
     mode: Optional[str] = None,
+    python: Optional[str] = None,
 ) -> SandboxResult:
     """Run `code` as `__main__` of a fresh sandboxed interpreter; see the module docstring.
 
@@ -171,7 +188,8 @@ def run_python(
     (default: ceil(timeout_s)). memory_mb: address space per process. max_procs: processes +
     threads of this run (as root; for non-root callers the limit counts all their processes and
     is not applied). max_output_bytes: stdout and stderr each; beyond it the run is killed.
-    disk_mb: size of the jail's tmpfs. no_site: `-S` (stdlib only, faster start).
+    disk_mb: size of the jail's tmpfs. no_site: `-S` (stdlib only, faster start). python: the
+    interpreter for the program (default: this one). mode: 'jail' | 'basic' (default: probed).
     """
     if timeout_s <= 0 or memory_mb <= 0:
         raise ValueError(f"timeout_s and memory_mb must be positive, got {timeout_s}, {memory_mb}")
@@ -180,7 +198,7 @@ def run_python(
         return _run(code, mode=mode, timeout_s=timeout_s, memory_mb=memory_mb,
                     cpu_s=cpu_s if cpu_s is not None else max(1, int(timeout_s + 0.999)),
                     file_size_mb=file_size_mb, max_procs=max_procs, max_output_bytes=max_output_bytes,
-                    disk_mb=disk_mb, no_site=no_site)
+                    disk_mb=disk_mb, no_site=no_site, python=python)
 
 
 def run_many(codes: Sequence[str], max_workers: int = 2, **kwargs) -> list[SandboxResult]:
@@ -215,9 +233,12 @@ class _Capture:
 
 
 def _run(code: str, *, mode: str, timeout_s: float, memory_mb: int, cpu_s: int, file_size_mb: int,
-         max_procs: int, max_output_bytes: int, disk_mb: int, no_site: bool) -> SandboxResult:
+         max_procs: int, max_output_bytes: int, disk_mb: int, no_site: bool,
+         python: Optional[str] = None) -> SandboxResult:
+    python = python or sys.executable
     tmp = tempfile.mkdtemp(prefix="mdiffu-sandbox-")
     fds: list[int] = []
+    uid: Optional[int] = None
     try:
         os.chmod(tmp, 0o700)
         program_path = os.path.join(tmp, "main.py")
@@ -231,14 +252,20 @@ def _run(code: str, *, mode: str, timeout_s: float, memory_mb: int, cpu_s: int, 
         fds += [status_r, status_w, nonce_r, nonce_w, done_r, done_w]
         nonce = secrets.token_hex(16).encode()
         os.write(nonce_w, nonce)
-        is_root = os.geteuid() == 0
-        uid = secrets.randbelow(_UID_RANGE[1] - _UID_RANGE[0]) + _UID_RANGE[0] if (mode == "jail" and is_root) else None
         jail = mode == "jail"
+        # As root, drop to a fresh uid: always in the jail (its root holds a private copy of the
+        # interpreter's directories), in basic mode when other users can run the interpreter.
+        drop = os.geteuid() == 0 and (jail or (_others_can_run(python) and _others_can_reach(tmp)))
+        uid = secrets.randbelow(_UID_RANGE[1] - _UID_RANGE[0]) + _UID_RANGE[0] if drop else None
+        if uid is not None and not jail:
+            for path in (tmp, program_path):
+                os.chown(path, uid, uid)
+        prefixes = sorted(set(_python_prefixes()) | {_prefix_of(python)}, key=len)
         spec = dict(mode=mode, root_dir=root_dir, program_path=program_path, disk_mb=disk_mb,
-                    python_prefixes=_python_prefixes(), python=sys.executable, uid=uid,
+                    python_prefixes=prefixes, python=python, uid=uid,
                     cwd="/sandbox" if jail else tmp, env=_minimal_env("/sandbox" if jail else tmp),
                     memory_mb=memory_mb, cpu_s=cpu_s, file_size_mb=file_size_mb, max_open_files=256,
-                    max_procs=max_procs if (jail and is_root) else None, no_site=no_site,
+                    max_procs=max_procs if uid is not None else None, no_site=no_site,
                     status_fd=status_w, nonce_fd=nonce_r, done_fd=done_w)
         argv = [sys.executable, "-I", "-S", _LAUNCHER, json.dumps(spec)]
         if jail:
@@ -254,7 +281,44 @@ def _run(code: str, *, mode: str, timeout_s: float, memory_mb: int, cpu_s: int, 
     finally:
         for fd in fds:
             os.close(fd)
+        if uid is not None and not jail:
+            _kill_uid(uid)  # no pid namespace: background processes (even after setsid) die here
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prefix_of(python: str) -> str:
+    return os.path.dirname(os.path.dirname(os.path.realpath(python)))
+
+
+def _others_can_reach(path: str) -> bool:
+    """Whether a uid with no rights of its own can traverse every directory above `path`."""
+    d = os.path.dirname(os.path.realpath(path))
+    try:
+        while d not in ("/", ""):
+            if not os.stat(d).st_mode & 0o001:
+                return False
+            d = os.path.dirname(d)
+    except OSError:
+        return False
+    return True
+
+
+def _others_can_run(python: str) -> bool:
+    """Whether a uid with no rights of its own can start `python` (o+x path, o+rx stdlib)."""
+    exe, stdlib = os.path.realpath(python), os.path.join(_prefix_of(python), "lib")
+    try:
+        return (_others_can_reach(exe) and _others_can_reach(stdlib) and bool(os.stat(exe).st_mode & 0o001)
+                and (os.stat(stdlib).st_mode & 0o005) == 0o005)
+    except OSError:
+        return False
+
+
+def _kill_uid(uid: int) -> None:
+    """SIGKILL every process of `uid`: `kill -9 -1` run as that uid signals exactly those."""
+    kill = shutil.which("kill") or "/bin/kill"
+    for _ in range(3):  # a fork racing the first pass is caught by the next
+        subprocess.run([kill, "-9", "-1"], user=uid, group=uid, extra_groups=[], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin"})
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -279,15 +343,20 @@ def _collect(proc: subprocess.Popen, start: float, timeout_s: float, cap: int, s
             if remaining <= 0:
                 timed_out = True
                 break
-            for key, _ in sel.select(timeout=min(remaining, 0.5)):
-                fd = key.fd
-                data = os.read(fd, 65536)
+            # Once our child has exited, only drain what is buffered: a background process that
+            # escaped the group (basic mode) may hold the pipes open, and is killed afterwards.
+            exited = proc.poll() is not None
+            ready = sel.select(timeout=0 if exited else min(remaining, 0.1))
+            for key, _ in ready:
+                data = os.read(key.fd, 65536)
                 if not data:
                     sel.unregister(key.fileobj)
                     continue
                 key.data.feed(data)
             if out.over or err.over:
                 overflow = True
+                break
+            if exited and not ready:
                 break
     finally:
         sel.close()
@@ -314,9 +383,12 @@ def _parse_report(text: str, jail: bool, launcher_rc: Optional[int]) -> dict:
         rc = launcher_rc if launcher_rc is not None else -signal.SIGKILL
         return {"exit_code": rc, "signal": None} if rc >= 0 else {"exit_code": None, "signal": -rc}
     line = text.strip().splitlines()[-1] if text.strip() else ""
-    if not line:  # killed before reporting (our timeout / output kill), or the launcher died
+    try:
+        report = json.loads(line) if line else None
+    except json.JSONDecodeError:  # killed half way through writing it
+        report = None
+    if not isinstance(report, dict):  # killed before reporting (our timeout / output kill), or died
         return {"exit_code": None, "signal": signal.SIGKILL, "unreported": True}
-    report = json.loads(line)
     if "setup_error" in report:
         raise SandboxSetupError(f"sandbox setup failed: {report['setup_error']}")
     return report

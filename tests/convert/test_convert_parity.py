@@ -32,18 +32,26 @@ def converted(tmp_path_factory):
     return tmp
 
 
+@pytest.fixture(scope="module")
+def models(converted):
+    """(exported AutoModel with trust_remote_code, our native model): loaded once for the module."""
+    from transformers import AutoModel
+
+    exported = AutoModel.from_pretrained(converted / "export", trust_remote_code=True, dtype=torch.float32).eval()
+    return exported, load_native_model(converted / "native")
+
+
 def _shift(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
 
 
 @torch.no_grad()
-def test_logits_parity_native_vs_transformers_qwen2_vs_exported(converted):
-    from transformers import AutoModel, Qwen2ForCausalLM
+def test_logits_parity_native_vs_transformers_qwen2_vs_exported(converted, models):
+    from transformers import Qwen2ForCausalLM
 
     qwen = Qwen2ForCausalLM.from_pretrained(converted / "hf", dtype=torch.float32).eval()
-    exported = AutoModel.from_pretrained(converted / "export", trust_remote_code=True, dtype=torch.float32).eval()
+    exported, native = models
     assert type(exported).__name__ == "DreamModel" and exported.config.rope_theta == 1e6
-    native = load_native_model(converted / "native")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 94, (3, 20), generator=gen)
     pad = torch.ones(3, 20, dtype=torch.long)
@@ -66,14 +74,11 @@ def test_logits_parity_native_vs_transformers_qwen2_vs_exported(converted):
 
 
 @pytest.mark.parametrize("alg", ["maskgit_plus", "topk_margin", "entropy"])
-def test_exported_diffusion_generate_matches_our_sampler(converted, alg):
-    from transformers import AutoModel
-
+def test_exported_diffusion_generate_matches_our_sampler(models, alg):
     from megatron_diffu.diffusion.sampling import SamplingConfig, diffusion_generate
 
-    exported = AutoModel.from_pretrained(converted / "export", trust_remote_code=True, dtype=torch.float32).eval()
+    exported, native = models
     assert exported.config.mask_token_id == MASK_ID
-    native = load_native_model(converted / "native")
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]]
     cfg = SamplingConfig(max_new_tokens=12, steps=6, alg=alg, temperature=0.0)
     ours = diffusion_generate(native, prompts, cfg, mask_id=MASK_ID, pad_id=PAD_ID, output_history=True)
@@ -84,13 +89,10 @@ def test_exported_diffusion_generate_matches_our_sampler(converted, alg):
     assert not (out.sequences == MASK_ID).any()
 
 
-def test_exported_diffusion_generate_left_padded_batch(converted):
-    from transformers import AutoModel
-
+def test_exported_diffusion_generate_left_padded_batch(models):
     from megatron_diffu.diffusion.sampling import SamplingConfig, diffusion_generate
 
-    exported = AutoModel.from_pretrained(converted / "export", trust_remote_code=True, dtype=torch.float32).eval()
-    native = load_native_model(converted / "native")
+    exported, native = models
     prompts = [[5, 6, 7, 8, 9, 10], [20, 21, 22]]
     cfg = SamplingConfig(max_new_tokens=8, steps=4, alg="maskgit_plus", temperature=0.0)
     ours = diffusion_generate(native, prompts, cfg, mask_id=MASK_ID, pad_id=PAD_ID)
@@ -130,4 +132,5 @@ def test_autoregressive_import_adds_dream_mask_token_with_mean_rows(tmp_path):
     export = native_to_hf(tmp_path / "native", tmp_path / "export", progress=False)
     cfg = json.loads((export / "config.json").read_text())
     assert (cfg["mask_token_id"], cfg["eos_token_id"], cfg["rope_theta"]) == (151666, 151643, 1e6)
-    assert build_tokenizer("HuggingFaceTokenizer", str(export / "tokenizer.json")).mask_id == 151666
+    added = {t["content"]: t["id"] for t in json.loads((export / "tokenizer.json").read_text())["added_tokens"]}
+    assert added["<|mask|>"] == 151666 and added["<|endoftext|>"] == 151643

@@ -123,7 +123,8 @@ def _dp_worker(rank, prefixes, cache, gbs, n):
     tok = build_tokenizer()
     cfg = DataConfig(data_path=["0.5", prefixes[0], "0.5", prefixes[1]], split="100,0,0", seq_length=16,
                      data_cache_path=cache)
-    return _batches(cfg, tok, rank, 2, 2, gbs, 200, 0, n)
+    # numpy, not tensors: torch's queue shares tensor storage by fd, which dies with the rank process
+    return [{k: v.numpy() for k, v in b.items()} for b in _batches(cfg, tok, rank, 2, 2, gbs, 200, 0, n)]
 
 
 @pytest.mark.slow
@@ -132,6 +133,7 @@ def test_dp2_under_torch_distributed(prefixes, qwen, tmp_path):
     gbs, steps = 8, 3
     cache = str(tmp_path / "dist_cache")
     ranks = run_distributed(_dp_worker, 2, args=(prefixes, cache, gbs, steps * gbs // 4), timeout=240)
+    ranks = [[{k: torch.from_numpy(v) for k, v in b.items()} for b in r] for r in ranks]
     dp1 = _batches(_cfg(["0.5", prefixes[0], "0.5", prefixes[1]], tmp_path), qwen, 0, 1, 2, gbs, 200, 0,
                    steps * gbs // 2)
     _assert_same_global_batches(dp1, ranks, gbs)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_diffu.diffusion.sampling import SamplingConfig, _Forward, build_batch, diffusion_generate
-from test_sampling_reference import MASK, PAD, PROMPTS, tiny_model
+from test_sampling_reference import MASK, PAD, PROMPTS, _one_thread, tiny_model  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 tokens broadcast from the last stage) each equal the single-process sampler token for token."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from megatron_diffu.diffusion.sampling import SamplingConfig, diffusion_generate
@@ -11,6 +12,15 @@ from megatron_diffu.testing import run_distributed
 
 VOCAB, MASK, PAD = 128, 127, 126
 PROMPTS = [[5, 17, 42, 9, 33], [7, 8], [60, 61, 62, 63, 64, 65, 66, 1]]
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops: one intra-op thread is faster than two fighting over a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 CONFIGS = [
     dict(max_new_tokens=10, steps=5, temperature=0.0, alg="entropy"),
     dict(max_new_tokens=10, steps=5, temperature=0.9, top_p=0.9, top_k=30, alg="maskgit_plus", seed=7),

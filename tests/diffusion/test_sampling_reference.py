@@ -21,6 +21,15 @@ VOCAB, MASK, PAD, EOS = 128, 127, 126, 125
 PROMPTS = [[5, 17, 42, 9, 33], [7, 8], [60, 61, 62, 63, 64, 65, 66, 1]]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops: one intra-op thread is faster than two fighting over a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_model(seed: int = 3, sharpen: float = 20.0, grid=None) -> DiffusionTransformer:
     """Random tiny Qwen-style model; the head is scaled so distributions are peaked (no near-ties)."""
     cfg = TransformerConfig.from_preset("tiny", vocab_size=VOCAB, seed=seed)
@@ -54,13 +63,13 @@ def ref_token(logits_row, cfg: SamplingConfig, gen):
         tok = int(torch.multinomial(p[None], 1, generator=gen)[0, 0])
     else:
         tok = int(p.argmax())
-    conf = float(p[tok])
+    p_tok = conf = float(p[tok])
     if cfg.alg == "topk_margin":
         s = sorted(p.tolist(), reverse=True)
         conf = s[0] - s[1]
     elif cfg.alg == "entropy":
         conf = float((p * torch.log(p + 1e-10)).sum())
-    return tok, conf
+    return tok, conf, p_tok
 
 
 def reference_generate(model, prompt: list[int], cfg: SamplingConfig, gen: torch.Generator):
@@ -93,10 +102,10 @@ def reference_generate(model, prompt: list[int], cfg: SamplingConfig, gen: torch
                 for pos in chosen:
                     chosen[pos] = ref_token(logits[pos], cfg, gen)[0]
             else:
-                toks, confs = zip(*[ref_token(logits[pos], cfg, gen) for pos in masked])
-                if cfg.threshold is not None:
+                toks, confs, p_toks = zip(*[ref_token(logits[pos], cfg, gen) for pos in masked])
+                if cfg.threshold is not None:  # Fast-dLLM: token probability above the threshold
                     best = max(range(len(masked)), key=lambda j: confs[j])
-                    pick = [j for j in range(len(masked)) if last or confs[j] > cfg.threshold or j == best]
+                    pick = [j for j in range(len(masked)) if last or p_toks[j] > cfg.threshold or j == best]
                 else:
                     k = len(masked) if last else int(torch.tensor(float(len(masked))) * (1 - s / t))
                     c = torch.tensor(confs)
@@ -163,6 +172,7 @@ def test_threshold_parallel_equals_reference(model):
     cfg = SamplingConfig(max_new_tokens=12, steps=12, temperature=0.0, alg="maskgit_plus", threshold=0.3,
                          block_length=6)
     check_equal(model, cfg)
+    check_equal(model, SamplingConfig(max_new_tokens=12, steps=12, temperature=0.0, alg="entropy", threshold=0.6))
     out = diffusion_generate(model, PROMPTS, cfg, mask_id=MASK, pad_id=PAD)
     assert out.nfe < 12  # several tokens per step somewhere: fewer forwards than tokens
 

@@ -5,8 +5,8 @@ a sentinel file outside the sandbox is unchanged, no process of the run's uid is
 on the machine, and the temporary directory is gone.
 """
 import os
-import signal
 import socket
+import sys
 import tempfile
 import time
 
@@ -193,7 +193,8 @@ def test_basic_mode_refuses_sockets_and_times_out(machine):
 CAPS_CODE = ("fields = dict(l.split(':', 1) for l in open('/proc/self/status'))\n"
              "print(*(fields[k].strip() for k in ('CapEff', 'CapPrm', 'CapBnd', 'NoNewPrivs')))\n"
              "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-             "print(libc.mount(None, b'/usr', None, 32 | 4096, None), ctypes.get_errno())\n")
+             "print(libc.mount(None, b'/usr', None, 32 | 4096, None), ctypes.get_errno())\n"
+             "print(libc.ptrace(16, 1, None, None), ctypes.get_errno())\n")  # PTRACE_ATTACH to pid 1
 
 
 @needs_jail
@@ -203,7 +204,53 @@ def test_no_capabilities_and_binds_cannot_be_made_writable(machine, monkeypatch,
         monkeypatch.setattr(os, "geteuid", lambda: 1000)
     res = run_python(CAPS_CODE)
     assert res.status == "passed", res
-    caps, remount = res.stdout.splitlines()
+    caps, remount, ptrace = res.stdout.splitlines()
     assert caps == "0000000000000000 0000000000000000 0000000000000000 1"
     assert remount == "-1 1"  # mount(MS_REMOUNT|MS_BIND) on /usr: EPERM
+    assert ptrace == "-1 1"  # the launcher (pid 1, holding the namespace's capabilities): EPERM
     assert (res.sandbox_uid is None) == as_non_root
+
+
+def _others_can_reach_tmp():
+    return sandbox._others_can_reach(os.path.join(tempfile.gettempdir(), "x"))
+
+
+def _world_runnable_python():
+    for p in ("/usr/bin/python3", "/usr/local/bin/python3", sys.executable):
+        if os.path.exists(p) and sandbox._others_can_run(p):
+            return p
+    return None
+
+
+def _live_processes_of_uid(uid):
+    live = []
+    for pid in processes_of_uid(uid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":  # zombies are dead already
+                    live.append(pid)
+        except OSError:
+            pass
+    return live
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or _world_runnable_python() is None or not _others_can_reach_tmp(),
+                    reason="needs root and an interpreter other users can run")
+def test_basic_mode_as_root_drops_to_a_fresh_uid(tmp_path):
+    """Without namespaces (e.g. a container without CAP_SYS_ADMIN), root still runs the program
+    under a fresh uid: it cannot signal us, cannot write root's files, and leaves no process."""
+    secret_dir = tmp_path / "private"
+    secret_dir.mkdir(mode=0o700)
+    (secret_dir / "s.txt").write_text("x")
+    code = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
+            "for attack in (lambda: os.kill(os.getppid(), 9), lambda: os.kill(%d, 9),\n"
+            "               lambda: open('/etc/passwd', 'a'), lambda: os.remove(%r)):\n"
+            "    try:\n        attack()\n        print('succeeded')\n    except OSError as e:\n"
+            "        print(type(e).__name__)\n" % (os.getpid(), str(secret_dir / "s.txt")))
+    t0 = time.monotonic()
+    res = run_python(code, mode="basic", python=_world_runnable_python(), timeout_s=10)
+    assert time.monotonic() - t0 < 8  # the background sleeper does not hold us up
+    assert res.status == "passed" and res.sandbox_uid not in (None, 0), res
+    assert res.stdout.split() == ["PermissionError"] * 4, res.stdout
+    assert (secret_dir / "s.txt").read_text() == "x"
+    assert _live_processes_of_uid(res.sandbox_uid) == []

@@ -59,3 +59,17 @@ def test_bad_arguments_are_rejected():
         run_python("pass", timeout_s=0)
     with pytest.raises(ValueError, match="max_workers"):
         run_many(["pass"], max_workers=0)
+
+
+def test_falls_back_to_basic_mode_loudly_without_namespaces(monkeypatch, caplog):
+    monkeypatch.setattr(sandbox, "_mode_cache", None)
+    monkeypatch.setattr(sandbox, "_unshare_argv", lambda: ["/nonexistent/unshare"])
+    monkeypatch.delenv("MDIFFU_SANDBOX_MODE", raising=False)
+    with caplog.at_level("WARNING", logger="megatron_diffu.rl.sandbox"):
+        assert sandbox.sandbox_mode() == "basic"
+    assert "falling back to 'basic' mode" in caplog.text
+    res = run_python("print(6 * 7)")
+    assert res.status == "passed" and res.stdout == "42\n" and res.sandbox_uid is None
+    monkeypatch.setenv("MDIFFU_SANDBOX_MODE", "chroot")
+    with pytest.raises(ValueError, match="MDIFFU_SANDBOX_MODE must be 'jail' or 'basic'"):
+        sandbox.sandbox_mode()
