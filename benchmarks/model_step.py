@@ -167,6 +167,11 @@ def main() -> None:
     rows = []
     for name in args.presets.split(","):
         rows += bench_preset(name.strip(), args)
+        # on a shared machine the peak drifts: re-measure and keep the best (a fraction of peak
+        # computed from a low measurement would flatter us)
+        again = matmul_peak(args.device, dtype)
+        print(f"matmul peak re-measured: {again / 1e9:.1f} GFLOP/s; using the max")
+        peak = max(peak, again)
         baseline = {r[0]: r[3] for r in rows if r[1].startswith("transformers")}
         print(f"{'preset':<14}{'variant':<36}{'step (s)':>10}{'tokens/s':>12}{'GFLOP/s':>10}{'of peak':>9}{'vs HF':>8}")
         for r in rows:

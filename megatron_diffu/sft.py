@@ -206,11 +206,14 @@ class SFTStage(PretrainStage):
         tok = self.tokenizer
 
         def generate(prompts: list[str]) -> list[str]:
-            ids = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+            # the instruct protocol of tools/evaluate.py --chat: ask for the function in a fenced
+            # block, then put the first ```python block after the prompt (it redefines the function)
+            ids = [tok.apply_chat_template([{"role": "user", "content":
+                                             f"Complete the following Python function:\n```python\n{p}\n```"}])
+                   for p in prompts]
             out = diffusion_generate(trainer.model, ids, scfg, mask_id=self.mask_token_id, pad_id=tok.pad_id,
-                                     stop_ids=[tok.im_end_id], grid=trainer.grid)
-            skip = (tok.pad_id, tok.im_end_id, self.mask_token_id)
-            return [tok.decode([t for t in seq if t not in skip]) for seq in out.completions]
+                                     stop_ids=[tok.im_end_id, tok.eod_id], grid=trainer.grid)
+            return [_first_code_block(tok.decode(c)) for c in out.completions]
 
         trainer.model.eval()
         try:
@@ -223,6 +226,15 @@ class SFTStage(PretrainStage):
         finally:
             trainer.model.train()
         return {"humaneval_pass@1": float(report.get("pass@1", 0.0))}
+
+
+def _first_code_block(text: str) -> str:
+    """The first ```python block of an instruct answer (with a leading newline), else the text."""
+    start = text.find("```python")
+    if start < 0:
+        return text
+    body = text[start + len("```python"):].lstrip(" \t").partition("\n")[2]
+    return "\n" + body.split("```", 1)[0]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -151,8 +151,10 @@ wait_idle() {
 cmd_start() {
   [ "$(id -u)" -eq 0 ] || fail "must run as root (starts munged/slurmctld/slurmd and writes $CONF)"
   mkdir -p "$PIDS" "$LOGS"
-  if alive munged && alive slurmctld && alive slurmd && [ "$(node_state)" = idle ]; then
-    say "already running (node $NODE idle)"; return 0
+  if alive munged && alive slurmctld && alive slurmd; then
+    case "$(node_state)" in
+      idle|mix|alloc|comp) say "already running (node $NODE $(node_state))"; return 0 ;;
+    esac
   fi
   install_packages
   write_conf

@@ -42,6 +42,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as e:
+        print(f"convert_checkpoint: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
     from megatron_diffu.convert.checkpoint import hf_to_native, native_to_hf
     from megatron_diffu.convert.verify import verify
@@ -66,8 +74,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as e:
-        print(f"convert_checkpoint: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())

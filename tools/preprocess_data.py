@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from concurrent.futures.process import BrokenProcessPool
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -65,6 +66,10 @@ def main(argv=None) -> int:
         summary = run_preprocess(cfg)
     except (InputError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except BrokenProcessPool:
+        print("error: a worker process died (killed for memory? crashed?); no output written. "
+              "Re-run, with fewer --workers or a smaller --chunk-bytes if memory is short.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: no output written", file=sys.stderr)

@@ -205,9 +205,10 @@ def hf_to_native(input_dir: Path, output_dir: Path, tp: int = 1, pp: int = 1, ad
 
     try:
         it_dir = write_checkpoint_atomically(output_dir, 0, fill)
-    finally:
-        if tok_tmp.exists() and not (output_dir / "tokenizer").exists():
-            os.replace(tok_tmp, output_dir / "tokenizer")
+    except BaseException:
+        shutil.rmtree(tok_tmp, ignore_errors=True)
+        raise
+    os.replace(tok_tmp, output_dir / "tokenizer")
     return it_dir
 
 

@@ -38,15 +38,23 @@ def _seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") % (2**63)
 
 
-def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int, std: float = 0.02) -> torch.Tensor:
+def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int, std: float = 0.02,
+                  fast: bool = False) -> torch.Tensor:
+    """Normal(0, std) values (norm weights around 1). `fast`: draw at most 2**20 values and tile
+    them (memory-speed fixtures for the multi-GB memory test and benchmark)."""
     gen = torch.Generator().manual_seed(_seed(seed, name))
-    if name.endswith("norm.weight"):
-        return (1.0 + 0.1 * torch.randn(shape, generator=gen)).to(dtype)
-    return (std * torch.randn(shape, generator=gen)).to(dtype)
+    numel = torch.Size(shape).numel()
+    n = min(numel, 2**20) if fast else numel
+    values = torch.randn(n, generator=gen)
+    values = 1.0 + 0.1 * values if name.endswith("norm.weight") else std * values
+    values = values.to(dtype)
+    if n < numel:
+        values = values.repeat((numel + n - 1) // n)[:numel]
+    return values.reshape(shape)
 
 
 def write_random_hf_checkpoint(folder: Path, config: dict, seed: int = 0, max_shard_bytes: int = 2 * 10**9,
-                               std: float = 0.02) -> Path:
+                               std: float = 0.02, fast: bool = False) -> Path:
     """Write config.json + (sharded) safetensors with random weights for a Qwen2 `config`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -61,7 +69,7 @@ def write_random_hf_checkpoint(folder: Path, config: dict, seed: int = 0, max_sh
         w = StreamingSafetensorsWriter(folder / fname, [entries[i] for i in g])
         for i in g:
             name, dt, shape = entries[i]
-            w.write(name, random_tensor(name, shape, dt, seed, std))
+            w.write(name, random_tensor(name, shape, dt, seed, std, fast))
             weight_map[name] = fname
         w.close()
     if len(names) > 1:

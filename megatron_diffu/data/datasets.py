@@ -23,11 +23,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
+
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from megatron_diffu.data.config import DataConfig, parse_blend, parse_split
 from megatron_diffu.data.indexed import DatasetFormatError, validate_indexed_dataset
@@ -37,42 +43,20 @@ SPLITS = ("train", "valid", "test")
 _FULL_TOKEN_CHECK_BYTES = 1 << 30  # scan every token id of .bin files up to 1 GiB
 
 
-def _megatron():
-    """Import megatron-core's dataset classes lazily (a multi-second import)."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+class DiffusionGPTDataset(GPTDataset):
+    """megatron-core GPTDataset whose items are ``{"tokens": int64 [seq_length]}`` only."""
 
-    return BlendedMegatronDatasetBuilder, GPTDataset, GPTDatasetConfig, MockGPTDataset
-
-
-def _dataset_classes():
-    _, GPTDataset, _, MockGPTDataset = _megatron()
-
-    class DiffusionGPTDataset(GPTDataset):
-        """megatron-core GPTDataset whose items are ``{"tokens": int64 [seq_length]}`` only."""
-
-        def __getitem__(self, idx: Optional[int]) -> Dict[str, np.ndarray]:
-            text, _ = self._query_document_sample_shuffle_indices(0 if idx is None else idx)
-            return {"tokens": text}
-
-    class DiffusionMockGPTDataset(MockGPTDataset):
-        """megatron-core's synthetic data, same item format (``--mock-data``)."""
-
-        def __getitem__(self, idx: Optional[int]) -> Dict[str, np.ndarray]:
-            text, _ = self._query_document_sample_shuffle_indices(0 if idx is None else idx)
-            return {"tokens": text}
-
-    return DiffusionGPTDataset, DiffusionMockGPTDataset
+    def __getitem__(self, idx: Optional[int]) -> Dict[str, np.ndarray]:
+        text, _ = self._query_document_sample_shuffle_indices(0 if idx is None else idx)
+        return {"tokens": text}
 
 
-_CLASSES: list = []
+class DiffusionMockGPTDataset(MockGPTDataset):
+    """megatron-core's synthetic data (``--mock-data``), same item format."""
 
-
-def dataset_classes():
-    """``(DiffusionGPTDataset, DiffusionMockGPTDataset)``; built once (their names key the cache)."""
-    if not _CLASSES:
-        _CLASSES.extend(_dataset_classes())
-    return tuple(_CLASSES)
+    def __getitem__(self, idx: Optional[int]) -> Dict[str, np.ndarray]:
+        text, _ = self._query_document_sample_shuffle_indices(0 if idx is None else idx)
+        return {"tokens": text}
 
 
 class PretrainSamples(torch.utils.data.Dataset):
@@ -134,7 +118,6 @@ def _check_prefixes(prefixes: Sequence[str], tokenizer: Tokenizer, split: List[f
 
 
 def _gpt_config(cfg: DataConfig, tokenizer: Tokenizer, blend, cache: Optional[str]):
-    _, _, GPTDatasetConfig, _ = _megatron()
     return GPTDatasetConfig(
         random_seed=cfg.seed, sequence_length=cfg.seq_length, blend=blend, split=cfg.split,
         path_to_cache=cache, tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
@@ -151,8 +134,6 @@ def build_pretrain_datasets(cfg: DataConfig, tokenizer: Tokenizer, train_samples
     when needed). Call on every rank (megatron-core builds on rank 0 first, then the others load
     the cached indices).
     """
-    Builder, _, _, _ = _megatron()
-    DiffusionGPTDataset, DiffusionMockGPTDataset = dataset_classes()
     sizes = [int(train_samples), int(valid_samples), int(test_samples)]
     if cfg.mock_data:
         prefixes, blend, cache, cls = ["mock"], None, cfg.data_cache_path, DiffusionMockGPTDataset
@@ -165,13 +146,10 @@ def build_pretrain_datasets(cfg: DataConfig, tokenizer: Tokenizer, train_samples
     config = _gpt_config(cfg, tokenizer, blend, cache)
     if cfg.mock_data:
         config.split = cfg.split  # megatron-core forces "1,1,1" for mock data; keep the requested split
-        from megatron.core.datasets.blended_megatron_dataset_config import (
-            convert_split_vector_to_split_matrix, parse_and_normalize_split)
-
         config.split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(cfg.split))
     logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
     with _single_process_rank():
-        built = Builder(cls, sizes, lambda: True, config).build()
+        built = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
     out: Dict[str, Optional[PretrainSamples]] = {}
     for name, ds, n in zip(SPLITS, built, sizes):
         out[name] = PretrainSamples(ds, name, cfg.seq_length, prefixes) if ds is not None and n > 0 else None

@@ -26,6 +26,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -420,21 +421,21 @@ def run_preprocess(cfg: PreprocessConfig) -> Summary:
             results = (process_chunk(c, cfg, tok, tmpdir) for c in chunks)
         else:
             pool = _make_pool(cfg, tmpdir)
-            results = pool.imap(_process_chunk_in_worker, chunks)  # ordered: merge order = input order
+            # map() yields in submission order, so the merge order is the input order; a worker
+            # that dies (OOM kill, segfault) raises BrokenProcessPool here instead of hanging.
+            results = pool.map(_process_chunk_in_worker, chunks)
         for res in results:
             _merge(builders, res)
             skipped.extend(res.skipped)
             progress.update(res, sizes[res.index], final=res.index == len(chunks) - 1)
         if pool is not None:
-            pool.close()
-            pool.join()
+            pool.shutdown(wait=True)
             pool = None
         _finalize(builders, finals, tmpdir)
         return Summary(finals, progress.docs, progress.tokens, progress.nbytes, time.monotonic() - t0, skipped)
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            _kill_pool(pool)
         shutil.rmtree(tmpdir, ignore_errors=True)
         if old_parallelism is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
@@ -450,10 +451,22 @@ def _is_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _make_pool(cfg: PreprocessConfig, tmpdir: str):
+def _make_pool(cfg: PreprocessConfig, tmpdir: str) -> ProcessPoolExecutor:
     # fork: workers inherit the imported megatron-core (a 5-15 s import) and start in milliseconds.
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    return mp.get_context(method).Pool(cfg.workers, initializer=_init_worker, initargs=(cfg, tmpdir))
+    return ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context(method), initializer=_init_worker,
+                               initargs=(cfg, tmpdir))
+
+
+def _kill_pool(pool: ProcessPoolExecutor) -> None:
+    """Stop the workers now (not after their current chunk), so none writes into the removed tmpdir."""
+    procs = list(getattr(pool, "_processes", {}).values())  # the executor has no public kill
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        p.join(timeout=10)
 
 
 def _open_final_builders(finals: Dict[str, str], tmpdir: str, tok: Tokenizer):

@@ -19,6 +19,8 @@ from megatron_diffu.data.preprocess import JSONL_SUFFIXES, _Progress, discover_i
 from megatron_diffu.data.sft import BadRecord, SFTWriter, iter_jsonl, load_json_line, parse_record, tokenize_conversation
 
 _TOK = None  # the tokenizer of this (worker) process
+_VERIFY_FIRST = 64  # records per process checked against the whole-conversation template
+_seen = 0
 
 
 @dataclass
@@ -52,7 +54,9 @@ def _encode(item: tuple[str, int, bytes]):
     where = f"{path}:{lineno}"
     try:
         messages = parse_record(load_json_line(path, lineno, line), where)
-        ids, mask = tokenize_conversation(_TOK, messages)
+        global _seen
+        _seen += 1
+        ids, mask = tokenize_conversation(_TOK, messages, verify=_seen <= _VERIFY_FIRST)
         if not any(mask):
             raise BadRecord(f"{where}: no response tokens after tokenisation (empty assistant turns?)")
         return ids, mask, None, len(line)

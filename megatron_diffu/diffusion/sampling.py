@@ -25,7 +25,11 @@ Decisions beyond Dream (documented here because callers depend on them):
   (rows then draw from it in row order; batch and alone no longer agree).
 * **k is per row** (``#masked_in_row``); Dream divides the batch total by B, identical whenever
   rows hold equal mask counts (always, unless a hook edits tokens).
-* Sampling math runs in fp32 whatever the model's compute dtype.
+* Sampling math runs in fp32 whatever the model's compute dtype, one row at a time (peak memory
+  one row's candidates x V, not the batch's). The head computes only the candidates' logits
+  (``logit_positions``): the full head's rows, up to float rounding.
+* A position counts as revealed when its token stops being the mask id (Dream's
+  ``x == mask_id``): a sampled mask token leaves the position masked for the next step.
 * **Blocks** (``block_length``): the N new tokens form ``N / block_length`` blocks decoded left
   to right, ``steps / num_blocks`` steps each with its own ``linspace(1, eps, .)`` schedule; only
   the current block's masks are candidates and counted (LLaDA's semi-AR rule).
@@ -46,20 +50,22 @@ Decisions beyond Dream (documented here because callers depend on them):
   token; ``sequences`` keep everything.
 * Tensor parallel: the vocab-sharded logits of the candidate positions are all-gathered over
   ``grid.tp_group`` (sampling needs the full distribution, top-p a full sort); every TP rank
-  holds the same generators and therefore reveals the same tokens.
+  holds the same generators and therefore reveals the same tokens. ``grid`` defaults to
+  ``model.grid`` (DiffusionTransformer keeps its own), so a forgotten ``grid=`` cannot sample
+  from one vocabulary shard.
 * Pipeline parallel: every stage runs the same step loop; hidden states go stage to stage with
   send/recv, the last stage samples, and the new tokens are broadcast over ``grid.pp_group``.
 """
 from __future__ import annotations
 
 import hashlib
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
@@ -277,12 +283,20 @@ class _Forward:
         self.tp = _group_size(self.tp_group)
         self.pp = getattr(grid, "pp_size", 1) if grid is not None else 1
         self.nfe = 0
+        try:  # the head can skip every non-candidate row (a 152k-vocab head dominates small models)
+            self.has_logit_positions = "logit_positions" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError, AttributeError):
+            self.has_logit_positions = False
 
     def __call__(self, x: torch.Tensor, start: int = 0, prefix_kv: Optional[list] = None,
-                 return_kv: bool = False) -> tuple[Optional[torch.Tensor], Optional[list]]:
-        """Logits for positions [start, L) (None on non-last PP stages) and optionally the kv."""
+                 return_kv: bool = False, logit_positions: Optional[torch.Tensor] = None
+                 ) -> tuple[Optional[torch.Tensor], Optional[list]]:
+        """Logits for positions [start, L) (or only the `logit_positions` rows, [n, V/tp]; None on
+        non-last PP stages) and optionally the kv."""
         ids = x[:, start:]
         kwargs: dict[str, Any] = {}
+        if logit_positions is not None:
+            kwargs["logit_positions"] = logit_positions
         if self.pair is not None:  # without padding None = every query sees every key (prefix too)
             kwargs["attention_mask"] = self.pair[:, :, start:, :]
         if self.padded or start > 0:
@@ -358,14 +372,19 @@ def diffusion_generate(model: Any, prompts: Sequence[Sequence[int]], cfg: Sampli
                        sample_index: Optional[Sequence[int]] = None) -> GenerationOutput:
     """Decode ``cfg.max_new_tokens`` tokens after each prompt (see the module docstring).
 
-    ``model(input_ids, attention_mask=, position_ids=[, prefix_kv=, return_kv=])`` must return the
-    (shifted, possibly vocab-sharded) logits [B, S, V/tp]. Hooks follow Dream:
-    ``logits_hook(step, x, logits) -> logits`` sees the model output of this step (positions
-    ``[L - logits.shape[1], L)``; vocab-sharded under TP) and ``tokens_hook(step, x, logits) -> x``
-    runs once before the loop (step None) and after every step.
+    ``model(input_ids, attention_mask=, position_ids=[, prefix_kv=, return_kv=, logit_positions=])``
+    must return the (shifted, possibly vocab-sharded) logits [B, S, V/tp]; when its forward takes
+    ``logit_positions`` (DiffusionTransformer does) only the candidate rows go through the head.
+    Hooks follow Dream: ``logits_hook(step, x, logits) -> logits`` sees the full model output of this
+    step (positions ``[L - logits.shape[1], L)``; vocab-sharded under TP; a hook turns the
+    candidates-only head off) and ``tokens_hook(step, x, logits) -> x`` runs once before the loop
+    (step None) and after every step (logits: None when the head ran on the candidates only or
+    on a non-last pipeline stage).
     """
     cfg.validate()
     t0 = time.perf_counter()
+    if grid is None:  # a sharded model knows its grid; forgetting to pass it must not sample from one shard
+        grid = getattr(model, "grid", None)
     device = _model_device(model)
     N = cfg.max_new_tokens
     x, real = build_batch(prompts, N, mask_id, pad_id, device)
@@ -389,19 +408,25 @@ def diffusion_generate(model: Any, prompts: Sequence[Sequence[int]], cfg: Sampli
             cand = x[:, lo:hi] == mask_id  # [B, block]
             if not bool(cand.any()):
                 break  # nothing left to reveal: identical outcome, no wasted forward
-            if cfg.use_cache and prefix_kv is not None:
-                logits, _ = fwd(x, start=lo - 1, prefix_kv=prefix_kv)
+            cached = cfg.use_cache and prefix_kv is not None
+            off = lo - 1 if cached else 0  # the call computes positions [off, L)
+            rows = None
+            if fwd.has_logit_positions and logits_hook is None:
+                rows = torch.zeros((B, L - off), dtype=torch.bool, device=device)
+                rows[:, lo - off:hi - off] = cand
+            if cached:
+                logits, _ = fwd(x, start=off, prefix_kv=prefix_kv, logit_positions=rows)
             else:
-                logits, kv = fwd(x, return_kv=cfg.use_cache)
+                logits, kv = fwd(x, return_kv=cfg.use_cache, logit_positions=rows)
                 if cfg.use_cache:
                     prefix_kv = [(k[:, :, :lo - 1], v[:, :, :lo - 1]) for k, v in kv]
             before = x[:, P:] == mask_id
             if last_stage:
-                if logits_hook is not None:
-                    logits = logits_hook(step, x, logits)
-                off = L - logits.shape[1]
-                x = _step(x, logits[:, lo - off:hi - off], cand, lo, fwd, gens, cfg,
-                          taus[i], taus[i + 1], i == steps_per_block - 1)
+                if rows is None:  # full [B, L - off, V/tp] output: pick the candidates
+                    if logits_hook is not None:
+                        logits = logits_hook(step, x, logits)
+                    logits = logits[:, lo - off:hi - off][cand]
+                x = _step(x, logits, cand, lo, fwd, gens, cfg, taus[i], taus[i + 1], i == steps_per_block - 1)
             x = fwd.share_tokens(x)
             if tokens_hook is not None:
                 x = tokens_hook(step, x, logits)
@@ -413,12 +438,12 @@ def diffusion_generate(model: Any, prompts: Sequence[Sequence[int]], cfg: Sampli
     return _finish(x, P, reveal, history, fwd.nfe, elapsed, stop_ids, B, N)
 
 
-def _step(x: torch.Tensor, block_logits: torch.Tensor, cand: torch.Tensor, lo: int, fwd: _Forward,
+def _step(x: torch.Tensor, cand_logits: torch.Tensor, cand: torch.Tensor, lo: int, fwd: _Forward,
           gens: list[torch.Generator], cfg: SamplingConfig, t: torch.Tensor, s: torch.Tensor,
           last: bool) -> torch.Tensor:
-    """One reveal step for every row: gather the candidates' logits once, decide row by row."""
-    full = fwd.gather_vocab(block_logits[cand])  # [n_total, V], rows in (row, position) order
-    probs_all = filtered_probs(full, cfg) if cfg.alg != "origin" else None
+    """One reveal step for every row: gather the candidates' vocab shards once, decide row by row.
+    `cand_logits` [n_total, V/tp] holds the candidates in (row, position) order."""
+    full = fwd.gather_vocab(cand_logits)  # [n_total, V]
     x = x.clone()
     start = 0
     for b in range(x.shape[0]):
@@ -426,27 +451,24 @@ def _step(x: torch.Tensor, block_logits: torch.Tensor, cand: torch.Tensor, lo: i
         n = pos.numel()
         if n == 0:
             continue
-        if probs_all is not None:
-            probs = probs_all[start:start + n]
-        else:  # origin: filter only what it samples (same values, fewer rows)
-            probs = full[start:start + n]
+        logits = full[start:start + n]  # filtered row by row: the fp32 [n, V] copies stay one row's worth
         start += n
         if cfg.alg == "origin":
-            chosen, _ = _origin_positions(n, t, s, last, gens[b], probs.device)
-            if chosen.numel():
-                tokens = sample_and_confidence(filtered_probs(probs[chosen], cfg), cfg, gens[b])[0]
-                x[b, lo + pos[chosen]] = tokens
+            chosen = _origin_positions(n, t, s, last, gens[b], logits.device)
+            if chosen.numel():  # only the transferred positions are filtered and sampled
+                x[b, lo + pos[chosen]] = sample_and_confidence(filtered_probs(logits[chosen], cfg), cfg, gens[b])[0]
             continue
-        chosen, tokens = _reveal_row(probs, cfg, gens[b], t, s, last)
+        chosen, tokens = _reveal_row(filtered_probs(logits, cfg), cfg, gens[b], t, s, last)
         if chosen.numel():
             x[b, lo + pos[chosen]] = tokens
     return x
 
 
 def _origin_positions(n: int, t: torch.Tensor, s: torch.Tensor, last: bool, gen: torch.Generator,
-                      device: torch.device) -> tuple[torch.Tensor, None]:
+                      device: torch.device) -> torch.Tensor:
+    """Dream's origin: each candidate moves with probability 1 - s/t (all at the last step)."""
     p_transfer = 1.0 if last else float((1 - s / t).item())
-    return (torch.rand(n, generator=gen, device=device) < p_transfer).nonzero().squeeze(-1), None
+    return (torch.rand(n, generator=gen, device=device) < p_transfer).nonzero().squeeze(-1)
 
 
 def _finish(x: torch.Tensor, P: int, reveal: torch.Tensor, history: Optional[list], nfe: int, elapsed: float,

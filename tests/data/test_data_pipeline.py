@@ -135,7 +135,8 @@ def test_bad_source_files(tmp_path):
     _write(d / "c.py", b"")
     _write(d / "d.txt", b"ignored by --extensions")
     with pytest.raises(InputError, match=r"b\.py: not UTF-8: invalid byte 0xe9 at byte 5 of the file"):
-        preprocess(tmp_path / "o", [str(d)], workers=1)
+        preprocess(tmp_path / "o", [str(d)], workers=2, chunk_bytes=1)  # raised in a worker process
+    assert sorted(os.listdir(tmp_path)) == ["src"]
     summary = preprocess(tmp_path / "o", [str(d)], workers=1, skip_bad=True)
     assert summary.documents == 1
     assert [os.path.basename(w) for w, _ in summary.skipped] == ["b.py", "c.py"]

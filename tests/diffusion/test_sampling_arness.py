@@ -79,3 +79,31 @@ def test_heatmaps(tmp_path):
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.listdir(tmp_path) == ["order.png"]  # no temp file left behind
+
+
+def test_sampler_order_feeds_arness_end_to_end():
+    """A logits hook that makes the leftmost (or rightmost) mask the only confident one drives the
+    real sampler strictly left to right (right to left); its reveal steps score 1.0 (0.0)."""
+    from megatron_diffu.diffusion.sampling import SamplingConfig, diffusion_generate
+    from test_sampling_reference import MASK, PAD, PROMPTS, tiny_model
+
+    model = tiny_model()
+
+    def make_hook(pick_last: bool):
+        def hook(step, x, logits):
+            logits = torch.zeros_like(logits)
+            off = x.shape[1] - logits.shape[1]
+            for b in range(x.shape[0]):
+                masked = (x[b, off:] == MASK).nonzero().squeeze(-1)
+                if masked.numel():
+                    logits[b, masked[-1 if pick_last else 0], 7] = 30.0  # one confident position per row
+            return logits
+        return hook
+
+    cfg = SamplingConfig(max_new_tokens=8, steps=8, alg="maskgit_plus", threshold=2.0)
+    l2r = diffusion_generate(model, PROMPTS, cfg, mask_id=MASK, pad_id=PAD, logits_hook=make_hook(False))
+    assert l2r.reveal_step.tolist() == [list(range(8))] * 3
+    assert arness(l2r.reveal_step, ks=(1, 3))["local@3"] == 1.0
+    r2l = diffusion_generate(model, PROMPTS, cfg, mask_id=MASK, pad_id=PAD, logits_hook=make_hook(True))
+    scores = arness(r2l.reveal_step, ks=(1,))
+    assert scores["local@1"] == 0.0 and scores["global@1"] == pytest.approx(1 / 8)

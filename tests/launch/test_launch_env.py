@@ -17,7 +17,8 @@ from megatron_diffu.testing import free_port
 NODELISTS = {
     "node01": ["node01"],
     "node[01-04,07]": ["node01", "node02", "node03", "node04", "node07"],
-    "gpu-[8-10]-ib,login1": ["gpu-8-ib", "gpu-9-ib", "gpu-10-ib", "login1"],
+    "gpu-[8-10],login1": ["gpu-8", "gpu-9", "gpu-10", "login1"],
+    "gpu-[8-10]-ib": ["gpu-8-ib", "gpu-9-ib", "gpu-10-ib"],  # a suffix: accepted here, not by scontrol 22.05
     "a[098-101],b[1,3]": ["a098", "a099", "a100", "a101", "b1", "b3"],
     "r[1-2]n[1-2]": ["r1n1", "r1n2", "r2n1", "r2n2"],
 }
@@ -30,7 +31,7 @@ def test_expand_nodelist(nodelist):
 
 @pytest.mark.skipif(shutil.which("scontrol") is None, reason="scontrol not installed (Slurm client absent)")
 def test_expand_nodelist_matches_scontrol():
-    for nodelist, _ in NODELISTS.items():
+    for nodelist in (n for n in NODELISTS if not n.endswith("-ib")):
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
         if out.returncode and "configuration source" in out.stderr:
             pytest.skip("scontrol has no slurm.conf (start the local cluster: scripts/slurm_local.sh start)")

@@ -40,7 +40,7 @@ def spans(mask):
 
 
 def test_multi_turn_masks_on_a_hand_written_conversation(tok):
-    ids, mask = tokenize_conversation(tok, CONVERSATION)
+    ids, mask = tokenize_conversation(tok, CONVERSATION, verify=True)
     # the ids are exactly ChatML, written out by hand, without the "\n" after the last <|im_end|>
     text = ("<|im_start|>system\nYou write Python.<|im_end|>\n<|im_start|>user\nSquare a number.<|im_end|>\n"
             "<|im_start|>assistant\ndef sq(x):\n    return x * x<|im_end|>\n"

@@ -9,6 +9,8 @@ from megatron_diffu.testing import run_distributed
 from megatron_diffu.training import checkpointing
 
 ITERS = 3
+# Megatron pads the vocabulary to a multiple of 128 * TP: fix it so every layout has the same model
+VOCAB = ["--vocab-size", "151808"]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def _layouts_worker(rank, data_prefix, tmp):
 
     out = {}
     # DP=2 with the distributed optimizer: same losses as one process; resume bit-exact
-    dp_args = tiny_args(data_prefix, ITERS, ["--use-distributed-optimizer"])
+    dp_args = tiny_args(data_prefix, ITERS, VOCAB + ["--use-distributed-optimizer"])
     out["dp"], _ = run_losses(dp_args)
     save = f"{tmp}/dp_ck"
     first, _ = run_losses(dp_args + ["--save", save, "--exit-interval", "2"])
@@ -36,7 +38,7 @@ def _layouts_worker(rank, data_prefix, tmp):
     # TP=2 and PP=2: same losses; save for the cross-layout load in the parent
     for name, extra in (("tp", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
                         ("pp", ["--pipeline-model-parallel-size", "2"])):
-        tr = build_trainer(tiny_args(data_prefix, ITERS, extra + ["--save", f"{tmp}/{name}_ck"]))
+        tr = build_trainer(tiny_args(data_prefix, ITERS, VOCAB + extra + ["--save", f"{tmp}/{name}_ck"]))
         tr.train()
         out[name] = [m["loss"] for m in tr.history]
         if name == "tp":  # TP-sharded logits of the trained model, gathered, for the parent to compare
@@ -50,7 +52,7 @@ def _layouts_worker(rank, data_prefix, tmp):
 
 @pytest.mark.slow
 def test_layouts_match_one_process_and_checkpoints_reshard(data_prefix, tmp_path):
-    ref, ref_trainer = run_losses(tiny_args(data_prefix, ITERS))
+    ref, ref_trainer = run_losses(tiny_args(data_prefix, ITERS, VOCAB))
     results = run_distributed(_layouts_worker, world_size=2, args=(data_prefix, str(tmp_path)), timeout=600)
     r0 = results[0]
     for name in ("dp", "tp", "pp"):
