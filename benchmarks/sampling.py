@@ -76,12 +76,15 @@ def plain_loop(model, prompts, n_new, steps, alg, mask_id, pad_id, eps=1e-3, see
 
 
 # ----------------------------------------------------------------------------- harness
+CLOCK = time.perf_counter
+
+
 def timed(fn, repeats: int):
     best, out = float("inf"), None
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         out = fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, CLOCK() - t0)
     return best, out
 
 
@@ -118,7 +121,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="algs entropy+origin, batch 1 and 8, steps N and N/4")
+    p.add_argument("--algs", default=",".join(ALGS), help="comma-separated subset of the algs")
+    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (<= 8)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu = this process's CPU time (steadier on a shared machine; use with --threads 1)")
     args = p.parse_args(argv)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     model, vocab = build_model(args)
     mask_id, pad_id = vocab - 1, vocab - 2
@@ -126,10 +135,12 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     all_prompts = [torch.randint(0, vocab - 3, (args.prompt_length - (i % 4) * 3,), generator=g).tolist()
                    for i in range(8)]
-    algs = ("origin", "entropy") if args.quick else ALGS
+    algs = ("origin", "entropy") if args.quick else tuple(a for a in args.algs.split(",") if a)
+    batches = tuple(int(b) for b in args.batches.split(","))
     steps_list = (N, N // 4) if args.quick else (N, N // 2, N // 4)
     print(f"model: {sum(t.numel() for t in model.parameters()) / 1e6:.1f}M params, vocab {vocab}; N={N} new tokens, "
-          f"prompts ~{args.prompt_length} tokens; device {args.device}, {args.threads} thread(s)")
+          f"prompts ~{args.prompt_length} tokens; device {args.device}, {args.threads} thread(s), "
+          f"{args.clock} clock (best of {args.repeats})")
     warm = SamplingConfig(max_new_tokens=N, steps=4, alg="entropy")
     diffusion_generate(model, all_prompts, warm, mask_id=mask_id, pad_id=pad_id)  # warm-up (allocator, kernels)
     plain_loop(model, all_prompts[:1], N, 4, "entropy", mask_id, pad_id)
@@ -140,7 +151,7 @@ def main(argv=None) -> int:
     rows = []
     for alg in algs:
         for steps in steps_list:
-            for batch in (1, 8):
+            for batch in batches:
                 prompts = all_prompts[:batch]
                 t_base, base_out = timed(lambda: plain_loop(model, prompts, N, steps, alg, mask_id, pad_id), args.repeats)
                 base_tps = batch * N / t_base

@@ -423,10 +423,6 @@ class RunConfig:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
         return self
 
-    @property
-    def data_parallel_size_hint(self) -> int:
-        return 1
-
     def validate_extra(self, world_size: int) -> list[str]:
         """Cross-section checks; subclasses extend (call super)."""
         return []
@@ -536,6 +532,4 @@ class PretrainConfig(RunConfig):
         if p.sequence_parallel and seq is not None and seq % p.tensor_model_parallel_size:
             e.append(f"--sequence-parallel needs seq_length ({seq}) divisible by tensor_model_parallel_size "
                      f"({p.tensor_model_parallel_size})")
-        if self.model.bf16 and self.model.fp8_format:
-            pass
         return e

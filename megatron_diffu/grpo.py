@@ -49,7 +49,6 @@ starts a fresh reference from the loaded policy.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import shutil
 import sys
@@ -148,6 +147,9 @@ class GRPOConfig(PretrainConfig):
         if self.data.seq_length <= s.max_new_tokens:
             e.append(f"data.seq_length={self.data.seq_length} (prompt + completion) must exceed sampling.max_new_tokens="
                      f"{s.max_new_tokens}: prompts get seq_length - max_new_tokens tokens")
+        if self.parallel.sequence_parallel:
+            e.append("parallel.sequence_parallel: not supported by the GRPO stage (rollout lengths vary per batch and "
+                     "the sampler runs without sequence parallelism): drop --sequence-parallel")
         from megatron_diffu.rl.rewards import REWARD_FUNCTIONS
         unknown = [f for f in g.reward_funcs if f not in REWARD_FUNCTIONS]
         if unknown:
@@ -231,6 +233,7 @@ class GRPOStage(PretrainStage):
         self.timings: dict[str, float] = {}
         self._resume: Optional[dict] = None
         self._updates_since_sync = 0
+        self._perm: Optional[tuple] = None  # (epoch, permutation of the problems)
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer) -> None:
@@ -370,8 +373,9 @@ class GRPOStage(PretrainStage):
         out = []
         for pos in range(rollout_index * p, (rollout_index + 1) * p):
             epoch = pos // n
-            perm = np.random.default_rng([self.trainer.cfg.data.seed, epoch]).permutation(n)
-            out.append(int(perm[pos % n]))
+            if self._perm is None or self._perm[0] != epoch:
+                self._perm = (epoch, np.random.default_rng([self.trainer.cfg.data.seed, epoch]).permutation(n))
+            out.append(int(self._perm[1][pos % n]))
         return out
 
     def _rollout(self, rollout_index: int) -> RolloutBuffer:
@@ -568,6 +572,11 @@ class GRPOStage(PretrainStage):
         return out
 
     def on_step_end(self, trainer: Trainer, metrics: dict) -> None:
+        if trainer.grid.rank == 0 and trainer.iteration % trainer.cfg.logging.log_interval == 0:
+            keys = ("reward_mean", "pass_rate", "kl", "clip_fraction", "entropy", "zero_std_group_ratio",
+                    "completion_length", "rollout_tokens_per_s")
+            print(f"[grpo] iteration {trainer.iteration} | " + " | ".join(
+                f"{k}: {metrics[k]:.4g}" for k in keys if k in metrics), flush=True)
         self._updates_since_sync += 0 if metrics.get("skipped") else 1
         n = trainer.cfg.grpo.ref_model_sync_steps
         if self.ref_model is not None and n and trainer.iteration % n == 0:
@@ -581,16 +590,18 @@ class GRPOStage(PretrainStage):
         return trainer.global_batch_size * seq
 
     def flops_per_step(self, trainer: Trainer) -> float:
-        """Matmul FLOPs: the training pass (x3) over every copy, plus this step's share of the
-        rollout (one full forward per sampler step) and of the old/ref passes."""
+        """Matmul FLOPs: the training pass (x3) over every copy, plus, on a rollout step, the
+        rollout (one full forward per sampler step, an upper bound) and the old/ref passes."""
         if self.buffer is None:
             return 0.0
         g, m = trainer.cfg.grpo, trainer.cfg.model
         seq = self.buffer.tokens.shape[1]
         copies = {"coupled": 3, "single": 2, "d1": 1}[g.estimator]
         fwd = m.flops_per_token(seq, training=False) * trainer.global_batch_size * seq
+        if "rollout_s" not in self.timings:  # a reuse step: the training pass only
+            return fwd * 3 * copies
         passes = (self.mu if self.mu > 1 else 0) + (self.mu if g.beta else 0)
-        return fwd * (3 * copies + (passes * copies + trainer.cfg.sampling.steps) / self.mu)
+        return fwd * (3 * copies + passes * copies + trainer.cfg.sampling.steps)
 
     def validate(self, trainer: Trainer) -> dict[str, float]:
         return {}

@@ -47,8 +47,9 @@ class PretrainStage(Stage):
         self.tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
         n = int(self.tokenizer.vocab_size)
         if not cfg.is_explicit("model", "vocab_size"):
-            cfg.model.vocab_size = padded_vocab_size(n, cfg.data.make_vocab_size_divisible_by,
-                                                     cfg.parallel.tensor_model_parallel_size)
+            tp = cfg.parallel.tensor_model_parallel_size
+            cfg.model.vocab_size = _checkpoint_vocab(cfg, n, tp) or padded_vocab_size(
+                n, cfg.data.make_vocab_size_divisible_by, tp)
         elif cfg.model.vocab_size < n:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {n} ids "
                               f"({cfg.data.tokenizer_type}): leave it unset (padded automatically) or raise it")
@@ -160,6 +161,21 @@ class PretrainStage(Stage):
                                     obj.elbo_report(logits, inputs, predictable, tp_group))
 
 
+def _checkpoint_vocab(cfg: PretrainConfig, n: int, tp: int) -> Optional[int]:
+    """Resuming/finetuning: keep the checkpoint's padded vocabulary (Megatron pads to a multiple of
+    128 * TP, so a run resumed at another TP would otherwise build a different embedding)."""
+    from megatron_diffu.training import checkpointing
+
+    if not checkpointing.has_checkpoint(cfg.checkpoint.load):
+        return None
+    try:
+        saved = checkpointing.read_run_config(checkpointing.resolve_checkpoint_dir(cfg.checkpoint.load))
+        v = int(saved.get("model", {}).get("vocab_size"))
+    except (checkpointing.CheckpointError, TypeError, ValueError):
+        return None
+    return v if v >= n and v % tp == 0 else None
+
+
 def _model_forward(model, inputs: obj.DiffusionInputs, input_tensor: Optional[torch.Tensor]):
     """One pipeline stage's forward: the first stage embeds x_t, later ones take hidden states;
     only the last stage computes (masked-position) logits."""
@@ -190,8 +206,7 @@ def main(argv: Optional[list[str]] = None, stage: Optional[Stage] = None, config
         import torch.distributed as dist
         world = dist.get_world_size() if dist.is_initialized() else 1
         cfg.validate(world)
-        if hasattr(stage, "configure"):
-            stage.configure(cfg, world)
+        stage.configure(cfg, world)
         grid = build_grid(cfg)
         trainer = Trainer(cfg, stage, grid)
     except (ConfigError, ValueError) as exc:

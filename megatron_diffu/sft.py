@@ -4,7 +4,7 @@ ALGORITHMS.md sec. 3. The stage composes the pretraining stage and the one train
 the data and the normalisation differ:
 
 - data: `data.data_path` = SFT prefixes written by `tools/preprocess_sft.py` (several prefixes are
-  concatenated; blend weights are not supported for SFT). Conversations are padded/packed by
+  concatenated; blend weights are not supported for SFT: they are rejected with the fix). Conversations are padded/packed by
   `data/sft.py`; the global sample index of a row is its noise key, so every TP/PP/DP layout and
   every resume sees the same rows, t and masks.
 - masking: `diffusion/objective.prepare_inputs` with `maskable` = response tokens + the padding
@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_diffu.data.sft import SFTCollator, SFTConversations, SFTDataConfig, SFTDataset, split_indices
+from megatron_diffu.data.sft import (ConcatConversations, SFTCollator, SFTConversations, SFTDataConfig, SFTDataset,
+                                     split_indices)
 from megatron_diffu.diffusion import objective as obj
 from megatron_diffu.pretrain import PretrainConfig, PretrainStage, _to_device
 from megatron_diffu.parallel.state import group_size
@@ -112,9 +113,10 @@ class SFTStage(PretrainStage):
             self.configure(trainer.cfg, trainer.grid.world_size)
         cfg = trainer.cfg
         prefixes, weights = cfg.data.parsed_blend()
-        if weights is not None or len(prefixes) != 1:
-            raise ValueError(f"SFT takes one --data-path PREFIX (written by tools/preprocess_sft.py), got {cfg.data.data_path}")
-        convs = SFTConversations(prefixes[0])
+        if weights is not None:
+            raise ValueError(f"SFT --data-path takes prefixes without weights (they are concatenated), got "
+                             f"{cfg.data.data_path}: drop the numbers or merge the sources when preprocessing")
+        convs = ConcatConversations(prefixes)
         s = cfg.sft
         if s.sft_valid_data_path:
             train_ids, valid = np.arange(len(convs)), SFTConversations(s.sft_valid_data_path)

@@ -8,6 +8,7 @@ timeout that kills every rank, and the failing rank's traceback re-raised in the
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable, Sequence
@@ -33,7 +34,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence[
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, *args)
-        queue.put((rank, True, result))
+        # Plain pickle (not the queue's ForkingPickler): tensors travel by value, so they stay
+        # valid after this rank exits (shared-memory handles would not).
+        queue.put((rank, True, pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - report everything, including SystemExit
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -72,7 +75,7 @@ def run_distributed(fn: Callable, world_size: int = 2, args: Sequence[Any] = (),
                     raise RuntimeError(f"rank process died with exit code {dead[0].exitcode} without reporting")
                 continue
             if ok:
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"--- rank {rank} ---\n{payload}")
                 break  # one failure is enough; the others may be blocked in a collective

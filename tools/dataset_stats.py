@@ -12,11 +12,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import List, Optional, Sequence
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# megatron-core warns at import that Transformer Engine/Apex are absent: irrelevant to data tools.
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
 
 from megatron_diffu.data.indexed import DatasetFormatError, validate_indexed_dataset  # noqa: E402
 

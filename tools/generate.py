@@ -160,8 +160,9 @@ def load_model(args: argparse.Namespace, tok: Any, grid: Any, device: torch.devi
         from megatron_diffu.data.tokenizer import padded_vocab_size
         from megatron_diffu.model.config import TransformerConfig
 
+        # rows padded to a multiple of 128 * 8, not 128 * tp: the same random model under every TP <= 8
         cfg = TransformerConfig.from_preset(args.random_init, bf16=args.bf16,
-                                            vocab_size=padded_vocab_size(tok.vocab_size, 128, grid.tp_size))
+                                            vocab_size=padded_vocab_size(tok.vocab_size, 128, 8))
         return _build_model(cfg, grid, device).eval(), cfg
     path = Path(args.load)
     if (path / "config.json").exists():
@@ -181,7 +182,8 @@ def show_order(tok: Any, ids: list[int], reveal: torch.Tensor, index: int, args:
     scores = arness(reveal, ks=(1, 2, 4))
     png = args.order_png.format(i=index) if "{i}" in args.order_png else \
         (args.order_png if index == 0 else f"{Path(args.order_png).with_suffix('')}_{index}.png")
-    order_heatmap_png(png, reveal.tolist(), [tok.decode([t]) for t in ids] + [""] * (len(reveal) - len(ids)),
+    # the PNG shows all N positions (stop token and padding after it too): the order is over all of them
+    order_heatmap_png(png, reveal.tolist(), pieces + [""] * (len(reveal) - len(ids)),
                       title=f"decoding order, prompt {index}")
     summary = "  ".join(f"{k}={v:.2f}" for k, v in scores.items())
     return f"{order_heatmap_text(pieces, steps, color=color)}\nAR-ness: {summary}\norder PNG: {png}"

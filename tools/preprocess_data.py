@@ -15,9 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from concurrent.futures.process import BrokenProcessPool
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# megatron-core warns at import that Transformer Engine/Apex are absent: irrelevant to data tools.
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
 
 from megatron_diffu.data.preprocess import (  # noqa: E402
     DEFAULT_CHUNK_BYTES,

@@ -30,6 +30,10 @@
 
 set -uo pipefail
 EXIT_REQUEUE=75
+# SIGUSR1 is for the ranks (Slurm signals the job steps: --signal=USR1@N without "B:", and
+# `scancel --signal=USR1`); should it also reach this shell (scancel --batch/--full), don't die
+# of it: keep waiting for srun, which then reports the ranks' checkpoint-and-exit.
+trap ':' USR1
 
 ROOT=${MDIFFU_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
 cd "$ROOT" || { echo "[slurm] cannot cd to MDIFFU_ROOT=$ROOT" >&2; exit 1; }

@@ -35,7 +35,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import yaml
@@ -233,9 +233,9 @@ def load_run_config(it_dir: Path) -> tuple[TransformerConfig, dict]:
         raise ValueError(f"{path}: no 'model:' section (TransformerConfig fields)")
     known = set(TransformerConfig.__dataclass_fields__)
     unknown = sorted(set(section) - known)
-    if unknown:
-        raise ValueError(f"{path}: model section has unknown field(s) {unknown}")
-    return TransformerConfig(**section).validate(), data
+    if unknown:  # same leniency as training/checkpointing.load_inference_model
+        print(f"convert: ignoring unknown model field(s) {unknown} in {path}", file=sys.stderr)
+    return TransformerConfig(**{k: v for k, v in section.items() if k in known}).validate(), data
 
 
 def _check_native_shapes(ck: NativeCheckpoint, cfg: TransformerConfig) -> None:
@@ -249,20 +249,28 @@ def _check_native_shapes(ck: NativeCheckpoint, cfg: TransformerConfig) -> None:
 
 
 def _find_tokenizer_dir(it_dir: Path, run_config: dict, override: Optional[Path]) -> Optional[Path]:
+    """--tokenizer-dir, else the converter's tokenizer/, else the training run's tokenizer: its
+    data.tokenizer_model, or the default Qwen tokenizer when the run used the HF default (None)."""
     candidates = [override] if override else []
     candidates += [it_dir / "tokenizer", it_dir.parent / "tokenizer"]
-    model_path = (run_config.get("data") or {}).get("tokenizer_model")
+    data = run_config.get("data") or {}
+    model_path = data.get("tokenizer_model")
     if model_path:
         p = Path(model_path)
         candidates.append(p if p.is_dir() else p.parent)
-    return next((c for c in candidates if c and (c / "tokenizer.json").exists()), None)
+    found = next((c for c in candidates if c and (c / "tokenizer.json").exists()), None)
+    if found is None and data and not model_path and data.get("tokenizer_type", "HuggingFaceTokenizer") in (
+            "HuggingFaceTokenizer", "HFTokenizer", "hf"):
+        from megatron_diffu.data.tokenizer import qwen_tokenizer_path
+        found = Path(qwen_tokenizer_path()).parent
+    return found
 
 
-def _special_tokens(tok_dir: Optional[Path], vocab: int, overrides: dict[str, Optional[int]]) -> SpecialTokensT:
+def _special_tokens(tok_dir: Optional[Path], vocab: int, overrides: dict[str, Optional[int]]) -> H.SpecialTokens:
     ids: dict[str, Optional[int]] = {}
     if tok_dir is not None:
-        from megatron_diffu.data.tokenizer import HuggingFaceTokenizer
-        tok = HuggingFaceTokenizer(str(tok_dir / "tokenizer.json"))
+        from megatron_diffu.data.tokenizer import build_tokenizer
+        tok = build_tokenizer("HuggingFaceTokenizer", str(tok_dir / "tokenizer.json"))  # cached per file
         ids = {"mask_token_id": tok.mask_id, "pad_token_id": tok.eod_id, "eos_token_id": tok.eod_id,
                "bos_token_id": tok.bos_id if tok.bos_id is not None else tok.eod_id}
     else:  # Dream/DiffuCoder ids, when they exist in this vocabulary
@@ -274,8 +282,6 @@ def _special_tokens(tok_dir: Optional[Path], vocab: int, overrides: dict[str, Op
             raise ValueError(f"{k}={v} is outside the vocabulary (size {vocab}); pass --{k.replace('_', '-')}")
     return H.SpecialTokens(**{k: ids.get(k) for k in ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id")})
 
-
-SpecialTokensT = H.SpecialTokens
 
 
 def _hf_entries(ck: NativeCheckpoint, cfg: TransformerConfig, dtype: Optional[torch.dtype]):
@@ -378,6 +384,14 @@ def _write_hf_metadata(tmp: Path, cfg: TransformerConfig, tokens, dtype, tok_dir
         for f in TOKENIZER_FILES:
             if (tok_dir / f).exists():
                 shutil.copy2(tok_dir / f, tmp / f)
+        # ship exactly the tokenizer training used: data/tokenizer.py's Dream-compatible view
+        from megatron_diffu.data.tokenizer import build_tokenizer
+        tok = build_tokenizer("HuggingFaceTokenizer", str(tok_dir / "tokenizer.json"))
+        if tok.vocab_size > cfg.vocab_size:
+            raise ValueError(f"tokenizer {tok_dir}/tokenizer.json has {tok.vocab_size} tokens but the model only "
+                             f"{cfg.vocab_size} embedding rows: pass the tokenizer the model was trained with "
+                             f"(--tokenizer-dir)")
+        (tmp / "tokenizer.json").write_text(tok._tok.to_str())  # noqa: SLF001 - the tokenizers object
     (tmp / REPORT_NAME).write_text(json.dumps({"direction": "native-to-hf", "source": str(src.resolve()),
                                                "tokenizer_dir": str(tok_dir) if tok_dir else None,
                                                "special_tokens": tokens.__dict__}, indent=2))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -265,20 +265,8 @@ def iter_native_groups(cfg: TransformerConfig) -> Iterator[list[tuple[str, list[
     yield [p for p in pairs[1:] if not p[0].startswith("decoder.layers.")]
 
 
-Producer = Callable[[], torch.Tensor]
-
-
 def dtype_from_name(name: str) -> torch.dtype:
     if name not in _DTYPE_NAMES:
         raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPE_NAMES)}")
     return _DTYPE_NAMES[name]
 
-
-def jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, torch.dtype):
-        return str(obj).replace("torch.", "")
-    return obj

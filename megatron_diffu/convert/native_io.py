@@ -64,8 +64,27 @@ def save_lazy(directory: Path, specs: dict[str, tuple[torch.Size, torch.dtype, P
     # One file per tensor: DCP's file writer keeps a reference to every tensor written into one
     # file until that file is closed (torch 2.13, filesystem._write_files_from_queue), so one file
     # per rank would hold the whole model in memory (measured: +1.98 GB for a 2.0 GB model).
-    writer = FileSystemWriter(str(directory), single_file_per_rank=False, thread_count=1, sync_files=True)
+    # sync_files=False + one fsync pass at the end: fsync after every tensor file serialises the
+    # disk flush with the conversion (measured 46 s vs 29 s for a 1.5B model on a shared machine).
+    writer = FileSystemWriter(str(directory), single_file_per_rank=False, thread_count=1, sync_files=False)
     dcp.save(state, storage_writer=writer, planner=planner, no_dist=True)
+    fsync_tree(directory)
+
+
+def fsync_tree(directory: Path) -> None:
+    """Flush every file under `directory` (and the directory entries) to stable storage."""
+    for path in sorted(Path(directory).rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_checkpoint_atomically(out: Path, iteration: int, fill: Callable[[Path], None]) -> Path:

@@ -15,7 +15,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import torch
 
@@ -224,7 +224,3 @@ def shard_file_names(n: int) -> list[str]:
         return [SINGLE_NAME]
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
-
-def iter_bytes(entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> Iterator[int]:
-    for _, dtype, shape in entries:
-        yield _numel(shape) * torch.empty((), dtype=dtype).element_size()

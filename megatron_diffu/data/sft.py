@@ -169,7 +169,7 @@ class SFTWriter:
         self.tokens += len(ids)
 
     def commit(self) -> None:
-        for tmp, final, builder in zip(self.tmp, self.final, (self.tok, self.msk)):
+        for tmp, builder in zip(self.tmp, (self.tok, self.msk)):
             builder.finalize(tmp + ".idx")
         for tmp, final in zip(self.tmp, self.final):
             for ext in (".bin", ".idx"):
@@ -205,6 +205,24 @@ class SFTConversations:
 
     def conv(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         return self.tokens[i].astype(np.int64), self.mask[i].astype(bool)
+
+
+class ConcatConversations:
+    """Several SFT datasets read as one (conversation ids run through them in order)."""
+
+    def __init__(self, prefixes: Sequence[str]) -> None:
+        if not prefixes:
+            raise ValueError("no SFT dataset given: pass --data-path PREFIX [PREFIX ...]")
+        self.parts = [SFTConversations(p) for p in prefixes]
+        self.lengths = np.concatenate([p.lengths for p in self.parts])
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def conv(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.parts[k].conv(int(i - self.offsets[k]))
 
 
 # ------------------------------------------------------------------------------------- config

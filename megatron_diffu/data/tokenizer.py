@@ -227,10 +227,13 @@ class HuggingFaceTokenizer(Tokenizer):
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> List[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        # encode_batch_fast (tokenizers >= 0.20) skips character offsets: same ids, ~15% faster.
+        fast = getattr(self._tok, "encode_batch_fast", None)
+        run = fast if fast is not None else self._tok.encode_batch
+        return [e.ids for e in run(list(texts), add_special_tokens=False)]
 
     def _encode_plain(self, text: str) -> List[int]:
         if self._tok_plain is None:

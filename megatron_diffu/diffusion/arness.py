@@ -124,6 +124,7 @@ def order_heatmap_png(path: str, reveal_step: Sequence[int], tokens: Optional[Se
 
     steps = np.asarray([int(s) for s in reveal_step], dtype=float)
     n = len(steps)
+    columns = max(1, min(columns, n))
     rows = max(1, -(-n // columns))
     grid = np.full((rows, columns), np.nan)
     grid.flat[:n] = np.where(steps >= 0, steps, np.nan)

@@ -39,6 +39,11 @@ Communication: point-to-point `isend`/`irecv` on `grid.pp_group` with the global
 waited on, in Megatron's even/odd order, so paired send/receive exchanges between neighbours
 cannot deadlock (gloo sends block until the peer receives).
 
+Not implemented: interleaved virtual stages (Megatron's `--num-layers-per-virtual-pipeline-stage`).
+They shrink the bubble by the number of chunks but use the wrap-around neighbour pair and
+four-way exchanges, whose NCCL ordering we could not test without GPUs; a list of more than one
+model chunk raises NotImplementedError. The 7B recipe runs PP=1.
+
 Gradient accumulation with DDP-style wrappers: if the model has a `no_sync()` context manager,
 every backward but the last one runs inside it, so a data-parallel wrapper all-reduces once.
 Gradients of tied input/output embeddings split over the first and last stages are NOT summed
@@ -68,6 +73,11 @@ def forward_backward(forward_step: ForwardStep, model: torch.nn.Module, micro_ba
     With `forward_only` the forwards run under `torch.no_grad()` (evaluation, GRPO old/ref
     log-probs). Returns the last stage's reports (empty list on other pipeline stages).
     """
+    if isinstance(model, (list, tuple)):  # Megatron passes a list of model chunks
+        if len(model) != 1:
+            raise NotImplementedError(f"got {len(model)} model chunks: interleaved virtual pipeline stages are not "
+                                      f"implemented; build one chunk per pipeline stage")
+        model = model[0]
     micro_batches = list(micro_batches)
     if not micro_batches:
         raise ValueError("forward_backward: micro_batches is empty; pass at least one micro-batch dict")
@@ -115,8 +125,7 @@ def forward_backward_pipelining_1f1b(forward_step: ForwardStep, model: torch.nn.
     bwd_index = 0  # next micro-batch to run backward for
 
     def fwd(i: int, inp: Optional[torch.Tensor]) -> Any:
-        out = _forward(forward_step, model, micro_batches[i], inp, i, last, reports, forward_only)
-        return out
+        return _forward(forward_step, model, micro_batches[i], inp, i, last, reports, forward_only)
 
     def bwd(inp: Optional[torch.Tensor], out: Any, out_grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         nonlocal bwd_index

@@ -15,7 +15,8 @@ The prompt is never masked. The three copies of every sequence go through ONE fo
 head computes logits only where a log-prob is needed (`logit_positions`: all maskable positions
 of x_full, the masked ones of x_a and x_b, i.e. 2 rows per token instead of 3 full sequences).
 Log-probs come from `vocab_parallel_log_probs` on the vocab-sharded logits: the full vocabulary
-is never gathered. `chunk_size` bounds memory by running the sequences in chunks.
+is never gathered. `chunk_size` bounds memory by running the sequences in chunks
+(`rl/loss.py: chunked_grpo_backward` does the same for the current-policy pass under grad).
 
 Baselines (`estimator=`):
 - `single`: one random mask instead of the complementary pair, with the same expectation as the

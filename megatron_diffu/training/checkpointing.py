@@ -28,8 +28,8 @@ checkpoints (plain full tensors, `model.*` keys only) load the same way (`--fine
 """
 from __future__ import annotations
 
-import io
 import os
+import warnings
 import pickle
 import random
 import shutil
@@ -230,7 +230,9 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, grid
                                              layout=(grid.tp_size, grid.pp_size, grid.dp_size)))
     state[f"rng.{rank}"] = pickle.dumps(rng_state())
     writer = FileSystemWriter(str(tmp), single_file_per_rank=True, sync_files=True, thread_count=1)
-    dcp.save(state, storage_writer=writer, no_dist=not _dist())
+    with warnings.catch_warnings():  # "no process group: single process" is what we mean
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state, storage_writer=writer, no_dist=not _dist())
     if rank == 0:
         _save_pause_hook(iteration)
         run_config.save_yaml(tmp / RUN_CONFIG_FILE)
@@ -272,7 +274,8 @@ def _prune(save_dir: Path, keep_last: Optional[int], keep: Path) -> None:
 
 # ------------------------------------------------------------------------------ load
 def load_checkpoint(load_dir: str | Path, model, optimizer, grid: ProcessGrid, model_cfg, *,
-                    finetune: bool = False, load_optim: bool = True, load_rng: bool = True) -> Optional[dict]:
+                    finetune: bool = False, load_optim: bool = True, load_rng: bool = True,
+                    verbose: bool = True) -> Optional[dict]:
     """Load into `model` (and `optimizer`) in place. Returns the saved train_state (None with
     `finetune`: weights only). Collective."""
     ckpt = resolve_checkpoint_dir(load_dir)
@@ -301,14 +304,16 @@ def load_checkpoint(load_dir: str | Path, model, optimizer, grid: ProcessGrid, m
         state["train_state"] = b""
         if load_rng and f"rng.{_rank()}" in md_keys:
             state[f"rng.{_rank()}"] = b""
-    dcp.load(state, storage_reader=FileSystemReader(str(ckpt)), no_dist=not _dist())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=FileSystemReader(str(ckpt)), no_dist=not _dist())
     if optimizer is not None:
         if want_optim:
             optimizer.load_state_tensors(opt_targets, step_count=pickle.loads(state["train_state"]).get("optimizer_step", 0))
         else:
             optimizer.sync_master_from_params()
     if finetune:
-        if _rank() == 0:
+        if verbose and _rank() == 0:
             print(f"[checkpoint] finetune: loaded model weights from {ckpt}", flush=True)
         return None
     train_state = pickle.loads(state["train_state"])
@@ -344,6 +349,6 @@ def load_inference_model(path: str | Path, grid: Optional[ProcessGrid] = None, d
     model = DiffusionTransformer(cfg, grid=grid, pre_process=grid.is_first_stage, post_process=grid.is_last_stage,
                                  layer_ids=layer_ids, sequence_parallel=sequence_parallel, device=device,
                                  init_weights=False)
-    load_checkpoint(ckpt, model, None, grid, cfg, finetune=True)
+    load_checkpoint(ckpt, model, None, grid, cfg, finetune=True, verbose=False)
     model.eval()
     return model, cfg

@@ -92,7 +92,11 @@ class MixedPrecisionAdamW:
                 view.copy_(e.param.data)
                 e.param.data = view
                 e.param.main_grad = self.grad_buffer[e.start:e.start + e.numel].view_as(e.param)
-                e.param.register_post_accumulate_grad_hook(_accumulate_main_grad)
+                if e.param.dtype == torch.float32:
+                    # autograd accumulates in place into an existing .grad: point it at the buffer
+                    e.param.grad = e.param.main_grad
+                else:  # bf16: fp32 accumulation through a hook, the bf16 .grad is freed at once
+                    e.param.register_post_accumulate_grad_hook(_accumulate_main_grad)
         if self.distributed:
             size = self.padded // self.dp_size
             self.lo, self.hi = self.dp_rank * size, (self.dp_rank + 1) * size
@@ -104,6 +108,7 @@ class MixedPrecisionAdamW:
         self.tied = not getattr(getattr(model, "cfg", None), "untie_embeddings_and_output_weights", True)
         self.exp_avg = torch.zeros(self.hi - self.lo, dtype=torch.float32, device=self.device)
         self.exp_avg_sq = torch.zeros_like(self.exp_avg)
+        self._scratch = torch.empty_like(self.exp_avg)  # Adam's denominator, reused every step
         self.step_count = 0
         self._segments = self._build_segments()
 
@@ -125,7 +130,13 @@ class MixedPrecisionAdamW:
     def zero_grad(self) -> None:
         self.grad_buffer.zero_()
         for e in self.entries:
-            e.param.grad = None
+            if e.param.dtype == torch.float32:
+                if e.param.grad is None or e.param.grad.data_ptr() != e.param.main_grad.data_ptr():
+                    if e.param.grad is not None:  # someone replaced .grad: keep its value, re-point
+                        e.param.main_grad.copy_(e.param.grad)
+                    e.param.grad = e.param.main_grad
+            else:
+                e.param.grad = None
 
     def reduce_gradients(self) -> None:
         """After all micro-batches: SP norm grads over TP, tied embeddings over the embedding
@@ -165,7 +176,7 @@ class MixedPrecisionAdamW:
         cfg = self.cfg
         g = self.grad_buffer[self.lo:self.hi]
         if cfg.clip_grad and grad_norm is not None and grad_norm > cfg.clip_grad:
-            g = g * (cfg.clip_grad / (grad_norm + 1e-6))
+            g.mul_(cfg.clip_grad / (grad_norm + 1e-6))  # in place: the buffer is zeroed before the next step
         self.step_count += 1
         b1, b2 = cfg.adam_beta1, cfg.adam_beta2
         bc1, bc2 = 1.0 - b1 ** self.step_count, 1.0 - b2 ** self.step_count
@@ -175,7 +186,7 @@ class MixedPrecisionAdamW:
                 p.mul_(1.0 - lr * cfg.weight_decay)
             m.lerp_(gr, 1.0 - b1)
             v.mul_(b2).addcmul_(gr, gr, value=1.0 - b2)
-            denom = (v.sqrt() / math.sqrt(bc2)).add_(cfg.adam_eps)
+            denom = torch.sqrt(v, out=self._scratch[a:b]).div_(math.sqrt(bc2)).add_(cfg.adam_eps)
             p.addcdiv_(m, denom, value=-lr / bc1)
         if not self.master_is_param:
             self.param_buffer[self.lo:self.hi].copy_(self.master)

@@ -24,10 +24,17 @@ One global step (`Trainer.train_step`):
    (`stage.validate(trainer) -> dict`), periodic checkpoint; signal/exit-interval handling.
 
 State the trainer checkpoints: model, optimizer, iteration, consumed samples (the data position),
-RNG, and `stage.state_dict()` (any picklable dict: GRPO's reference model step, its data cursor).
-Extra models a stage owns (e.g. the GRPO reference policy) can be saved by the stage under
-`stage.extra_checkpoint_state()`... kept simple: a stage with extra tensors saves them in its
-state_dict (pickled), or rebuilds them on resume.
+RNG, and `stage.state_dict()` (any picklable dict, e.g. GRPO's data cursor and reference-sync step;
+a stage that owns extra models, like GRPO's reference policy, either rebuilds them on resume or
+puts their tensors in that dict).
+
+Building a stage on this trainer (SFT, GRPO): subclass `Stage` (or `megatron_diffu.pretrain.
+PretrainStage` to reuse the diffusion forward step, metrics and ELBO validation), then call
+`megatron_diffu.pretrain.main(argv, stage=MyStage(), config_cls=MyConfig)` where `MyConfig`
+subclasses `PretrainConfig` with the stage's own section. `main` calls `stage.configure(cfg,
+world_size)` before the model is built (tokenizer, vocabulary, mask id), then `Trainer(...)`,
+whose constructor loads `--load` and calls `stage.setup(trainer)` (data iterators at
+`trainer.consumed_samples`).
 """
 from __future__ import annotations
 
@@ -76,6 +83,9 @@ class Stage:
     """
 
     name = "stage"
+
+    def configure(self, cfg, world_size: int) -> None:
+        """Before the model is built: resolve tokenizer-dependent config (vocab size, mask id)."""
 
     def setup(self, trainer: "Trainer") -> None:
         """Build data iterators positioned at `trainer.consumed_samples` (resume)."""

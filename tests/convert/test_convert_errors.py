@@ -9,7 +9,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
 
 from megatron_diffu.convert.checkpoint import hf_to_native, native_to_hf
 from megatron_diffu.convert.safetensors_io import SafetensorsFolder

@@ -134,3 +134,15 @@ def test_autoregressive_import_adds_dream_mask_token_with_mean_rows(tmp_path):
     assert (cfg["mask_token_id"], cfg["eos_token_id"], cfg["rope_theta"]) == (151666, 151643, 1e6)
     added = {t["content"]: t["id"] for t in json.loads((export / "tokenizer.json").read_text())["added_tokens"]}
     assert added["<|mask|>"] == 151666 and added["<|endoftext|>"] == 151643
+
+
+@torch.no_grad()
+def test_trainer_loader_reads_the_converted_checkpoint(converted, models):
+    """training/checkpointing.load_inference_model (the trainer's DCP path) accepts our layout."""
+    from megatron_diffu.training.checkpointing import load_inference_model
+
+    model, cfg = load_inference_model(converted / "native")
+    assert cfg.vocab_size == 96 and cfg.rotary_base == 1e6
+    exported, _ = models
+    ids = torch.randint(0, 94, (2, 12), generator=torch.Generator().manual_seed(1))
+    assert (model(ids) - _shift(exported(ids).logits)).abs().max() < 1e-5

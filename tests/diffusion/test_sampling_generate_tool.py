@@ -43,7 +43,7 @@ def test_generate_tool_matches_direct_sampler_call(tmp_path, capsys):
 
     # the same thing by hand
     tok = build_tokenizer("HuggingFaceTokenizer")
-    cfg = TransformerConfig.from_preset("tiny", vocab_size=padded_vocab_size(tok.vocab_size, 128, 1))
+    cfg = TransformerConfig.from_preset("tiny", vocab_size=padded_vocab_size(tok.vocab_size, 128, 8))
     model = DiffusionTransformer(cfg).eval()
     ids = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}]) for r in rows]
     scfg = SamplingConfig(max_new_tokens=8, steps=4, alg="maskgit_plus")

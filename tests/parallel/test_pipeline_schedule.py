@@ -186,5 +186,8 @@ def test_bad_inputs_have_clear_errors():
     mb["index"] = 0
     with pytest.raises(TypeError, match=r"must return \(loss_for_backward, report: dict\)"):
         forward_backward(lambda m, b, x: (m(b["tokens"]), lambda o: o.sum()), stage, [mb], grid)
+    with pytest.raises(NotImplementedError, match="interleaved"):
+        forward_backward(toy_forward_step, [stage, stage], [mb], grid)
+    assert forward_backward(toy_forward_step, [stage], [mb], grid)[0]["index"] == 0  # Megatron-style list
     with pytest.raises(TypeError, match="scalar tensor"):
         forward_backward(lambda m, b, x: (m(b["tokens"]), lambda o: (o, {})), stage, [mb], grid)

@@ -85,6 +85,9 @@ def test_preprocess_round_trip_read_by_megatron_core(tok, tmp_path):
         assert ids_ds[i].tolist() == ids and mask_ds[i].tolist() == mask
     convs = SFTConversations(str(tmp_path / "out"))
     assert convs.lengths.tolist() == [len(e[0]) for e in expected]
+    from megatron_diffu.data.sft import ConcatConversations
+    both = ConcatConversations([str(tmp_path / "out"), str(tmp_path / "out")])
+    assert len(both) == 6 and both.conv(4)[0].tolist() == expected[1][0] and both.conv(2)[1].tolist() == expected[2][1]
 
 
 def test_bad_input_names_file_and_line_and_skip_bad(tmp_path):

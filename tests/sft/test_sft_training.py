@@ -12,9 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_diffu.data.sft import SFTCollator, SFTConversations, SFTDataConfig, SFTWriter, tokenize_conversation
+from megatron_diffu.data.sft import SFTCollator, SFTDataConfig, SFTWriter, parse_record, tokenize_conversation
 from megatron_diffu.data.sft_corpus import build_corpus
-from megatron_diffu.data.sft import parse_record
 from megatron_diffu.data.tokenizer import build_tokenizer
 from megatron_diffu.diffusion import objective as obj
 from megatron_diffu.model.config import TransformerConfig
@@ -83,6 +82,7 @@ def test_sft_loss_and_heldout_elbo_go_down_on_the_stdlib_instruction_set(corpus)
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 1.0
 
 
+@pytest.mark.slow
 def test_sft_resume_equals_uninterrupted_training(corpus, tmp_path):
     prefix, tok = corpus
     over = {"training": {"train_iters": 4}, "sft": {"sft_tail_cut_prob": 0.5, "sft_length_buckets": [96, 160]}}
@@ -92,6 +92,12 @@ def test_sft_resume_equals_uninterrupted_training(corpus, tmp_path):
     first = make_trainer(make_cfg(prefix, tok.vocab_size, over, ck, {"training": {"exit_interval": 2}}), tok)
     first.train()
     assert first.iteration == 2
+    # --load + --finetune: the weights only; iteration, optimizer and data position restart
+    tuned = make_trainer(make_cfg(prefix, tok.vocab_size, over, {"checkpoint": {"load": str(tmp_path / "ck"),
+                                                                                "finetune": True}}), tok)
+    assert (tuned.iteration, tuned.consumed_samples) == (0, 0)
+    for (n, p), (_, q) in zip(first.model.named_parameters(), tuned.model.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
     resumed = make_trainer(make_cfg(prefix, tok.vocab_size, over, ck), tok)
     assert resumed.iteration == 2 and resumed.consumed_samples == 16
     resumed.train()
@@ -191,11 +197,12 @@ def _dp_worker(rank, prefix, tok_fields):
         cfg.diffusion.mask_token_id = tok.mask_id
         trainer = Trainer(cfg, stage, grid=grid, device=torch.device("cpu"))
         trainer.train()
-        out[name] = ([h["loss"] for h in trainer.history],
+        out[name] = ([(h["loss"], h["grad_norm"]) for h in trainer.history],
                      {n: p.detach().numpy().copy() for n, p in trainer.model.named_parameters()})
     return out
 
 
+@pytest.mark.slow
 def test_sft_data_parallel_2_equals_1(corpus):
     """DP=2 ranks see exactly the global batch of DP=1 and the all-reduced normaliser makes the
     loss and the update identical (here with per-sequence normalisation and buckets)."""
@@ -204,6 +211,6 @@ def test_sft_data_parallel_2_equals_1(corpus):
     prefix, tok = corpus
     for res in run_distributed(_dp_worker, 2, args=(prefix, vars(tok)), timeout=300):
         (l2, w2), (l1, w1) = res["dp2"], res["dp1"]
-        assert l2 == pytest.approx(l1, rel=1e-5)
-        for k in w1:
-            torch.testing.assert_close(torch.from_numpy(w2[k]), torch.from_numpy(w1[k]), rtol=1e-5, atol=1e-6, msg=k)
+        assert np.allclose(l2, l1, rtol=1e-5), (l2, l1)  # loss and gradient norm of every step
+        for k in w1:  # Adam turns fp32 reduction-order noise into ~1e-6 drifts; updates are ~1e-2
+            assert np.abs(w2[k] - w1[k]).max() < 1e-4, k

@@ -1,0 +1,1 @@
+"""Modeling files shipped with every Hugging Face export (DreamModel, DreamConfig, diffusion_generate)."""
