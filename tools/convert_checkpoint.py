@@ -51,10 +51,16 @@ def main(argv=None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     import torch
+
+    # Scoped, not global: main() is also called in-process (tests, notebooks).
+    with torch.no_grad():
+        return _convert(args)
+
+
+def _convert(args: argparse.Namespace) -> int:
     from megatron_diffu.convert.checkpoint import hf_to_native, native_to_hf
     from megatron_diffu.convert.verify import verify
 
-    torch.set_grad_enabled(False)
     t0 = time.perf_counter()
     if args.direction == "hf-to-native":
         it_dir = hf_to_native(args.input, args.output, tp=args.target_tensor_parallel_size,
