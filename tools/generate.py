@@ -2,11 +2,11 @@
 """Generate with a masked-diffusion model (Dream `diffusion_generate` semantics + fast paths).
 
 Examples:
-  python tools/generate.py --load runs/sft --chat --prompt "Write a function that reverses a list."
+  python tools/generate.py --load runs/quickstart/sft/checkpoints --chat --prompt "Write a function that reverses a list."
   python tools/generate.py --load hf/DiffuCoder-7B-Instruct --chat --prompt-file prompts.jsonl \
       --steps 128 --max-new-tokens 256 --alg entropy --temperature 0.2 --top-p 0.95
   echo "def fib(n):" | python tools/generate.py --random-init tiny --max-new-tokens 32 --steps 32 --show-order
-  torchrun --nproc-per-node 2 tools/generate.py --load runs/sft --tensor-model-parallel-size 2 --prompt "..."
+  torchrun --nproc-per-node 2 tools/generate.py --load runs/quickstart/sft/checkpoints --tensor-model-parallel-size 2 --prompt "..."
 
 Model (one of):
   --load PATH        a native checkpoint (save dir or iter_* dir; also what tools/convert_checkpoint.py
@@ -139,22 +139,6 @@ def _build_model(cfg: Any, grid: Any, device: torch.device):
                                 layer_ids=pipeline_layer_split(cfg, grid.pp_size, grid.pp_rank), device=device)
 
 
-def load_hf_folder(folder: Path, grid: Any, device: torch.device, bf16: bool):
-    """A Hugging Face Dream/DiffuCoder folder, tensor by tensor through the converter's name map."""
-    from megatron_diffu.convert import hf as H
-    from megatron_diffu.convert.safetensors_io import SafetensorsFolder
-
-    cfg = H.transformer_config_from_hf(H.read_hf_config(folder), str(folder / "config.json"))
-    cfg.bf16 = bf16 or cfg.bf16
-    reader = SafetensorsFolder(folder)
-    model = _build_model(cfg, grid, device)
-    wanted = set(model.canonical_parameters())
-    full = {name: H.to_native(name, [reader.get(h) for h in hf_names], cfg)
-            for name, hf_names in H.name_pairs(cfg) if name in wanted}
-    model.load_global_state_dict(full)
-    return model.eval(), cfg
-
-
 def load_model(args: argparse.Namespace, tok: Any, grid: Any, device: torch.device):
     if args.random_init:
         from megatron_diffu.data.tokenizer import padded_vocab_size
@@ -164,12 +148,9 @@ def load_model(args: argparse.Namespace, tok: Any, grid: Any, device: torch.devi
         cfg = TransformerConfig.from_preset(args.random_init, bf16=args.bf16,
                                             vocab_size=padded_vocab_size(tok.vocab_size, 128, 8))
         return _build_model(cfg, grid, device).eval(), cfg
-    path = Path(args.load)
-    if (path / "config.json").exists():
-        return load_hf_folder(path, grid, device, args.bf16)
-    from megatron_diffu.training.checkpointing import load_inference_model
+    from megatron_diffu.convert.loading import load_model_for_inference
 
-    return load_inference_model(path, grid=grid, device=device, dtype=torch.bfloat16 if args.bf16 else None)
+    return load_model_for_inference(args.load, grid=grid, device=device, bf16=args.bf16)
 
 
 # ----------------------------------------------------------------------------- output

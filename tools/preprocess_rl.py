@@ -2,7 +2,7 @@
 """Validate and tokenize RL problems for coupled-GRPO (`megatron_diffu.data.rl`).
 
     python tools/preprocess_rl.py --input problems.jsonl --output data/rl_problems.jsonl
-    python tools/preprocess_rl.py --humaneval-subset --output data/humaneval_rl.jsonl   # HumanEval/0..39
+    python tools/preprocess_rl.py --humaneval-subset --output runs/quickstart/data/humaneval_rl.jsonl   # HumanEval/0..39
 
 Every record is checked (errors name file:line, the field and the fix); the output holds the
 same records plus `prompt_ids` (the chat-template prompt ending with `<|im_start|>assistant\\n`),

@@ -12,7 +12,7 @@ docstring and a short body becomes one conversation:
 The result is real code with real instructions, deterministic for a given Python version, and
 disjoint from HumanEval (kept for evaluation). Used by the SFT tests and the quickstart:
 
-    python -m megatron_diffu.data.sft_corpus --output data/stdlib_sft.jsonl --num 400
+    python -m megatron_diffu.data.sft_corpus --output runs/quickstart/data/stdlib_sft.jsonl --num 400
 """
 from __future__ import annotations
 

@@ -72,14 +72,14 @@ def test_generate_tool_loads_hf_folder(tmp_path):
     from safetensors.torch import load_file
 
     from megatron_diffu.convert import hf as H
+    from megatron_diffu.convert.loading import load_hf_folder
     from megatron_diffu.convert.synthetic import qwen2_config, write_random_hf_checkpoint
     from megatron_diffu.model.transformer import DiffusionTransformer
     from megatron_diffu.parallel.state import ProcessGrid
 
     config = qwen2_config(num_layers=1, hidden=64, ffn=128, heads=4, kv_heads=2, vocab=256, dtype="float32")
     folder = write_random_hf_checkpoint(tmp_path / "hf", config, seed=5)
-    tool = _tool()
-    model, cfg = tool.load_hf_folder(folder, ProcessGrid.single(), torch.device("cpu"), bf16=False)
+    model, cfg = load_hf_folder(folder, ProcessGrid.single(), torch.device("cpu"), bf16=False)
     sd = {}
     for f in sorted(folder.glob("*.safetensors")):
         sd.update(load_file(str(f)))
@@ -90,4 +90,4 @@ def test_generate_tool_loads_hf_folder(tmp_path):
         torch.testing.assert_close(model(ids), ref(ids))
     # the bundled Qwen tokenizer's mask id does not fit this 256-row model: a clear error
     with pytest.raises(SystemExit, match="mask id 151666 is outside the model's vocabulary"):
-        tool.main(["--load", str(folder), "--prompt", "x", "--max-new-tokens", "4", "--steps", "2"])
+        _tool().main(["--load", str(folder), "--prompt", "x", "--max-new-tokens", "4", "--steps", "2"])

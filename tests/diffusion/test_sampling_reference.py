@@ -229,3 +229,33 @@ def test_bad_config_errors_name_the_field():
         SamplingConfig(max_new_tokens=12, steps=7, block_length=4).validate()
     with pytest.raises(ValueError, match="threshold"):
         SamplingConfig(alg="origin", threshold=0.9).validate()
+
+
+def test_top_p_candidate_path_equals_the_full_sort():
+    """Rows whose nucleus fits in TOP_P_CANDIDATES take `topk` instead of a full sort: the kept set
+    equals the spec's sort-cumsum-cut (Dream's `top_p_logits`), except where the crossing token's
+    cumulative mass is within float rounding of top_p (the two normalise in another order)."""
+    from megatron_diffu.diffusion import sampling as S
+
+    def spec(logits, top_p):
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1)
+        drop = cum > top_p
+        drop[..., 1:] = drop[..., :-1].clone()
+        drop[..., 0] = False
+        return logits.masked_fill(torch.zeros_like(drop).scatter_(-1, order, drop), torch.finfo(logits.dtype).min), cum
+
+    vocab = 4 * S.TOP_P_CANDIDATES
+    g = torch.Generator().manual_seed(0)
+    scales = torch.tensor([0.1, 1.0, 3.0, 6.0, 10.0, 30.0]).repeat_interleave(8)[:, None]  # flat .. peaked rows
+    logits = torch.randn(len(scales), vocab, generator=g) * scales
+    fast_rows = 0
+    for top_p in (0.5, 0.9, 0.95):
+        got = S.top_p_filter(logits, top_p)
+        want, cum = spec(logits, top_p)
+        near_boundary = ((cum - top_p).abs() < 1e-5).any(-1)
+        same = (got == want).all(-1)
+        assert bool((same | near_boundary).all()), f"top_p={top_p}: rows {(~same).nonzero().flatten().tolist()} differ"
+        assert int(same.sum()) >= len(scales) - 1
+        fast_rows += int(((want > torch.finfo(want.dtype).min).sum(-1) <= S.TOP_P_CANDIDATES).sum())
+    assert fast_rows > 0 and fast_rows < 3 * len(scales)  # both paths exercised

@@ -71,3 +71,23 @@ def test_generate_score_and_resume(tiny_checkpoint, tmp_path, monkeypatch, capsy
     assert calls == [4]
     assert tool.main(argv) == 0  # resume: everything is there, nothing generated again
     assert calls == [4]
+
+
+def test_heldout_problems_from_an_hf_export_equal_the_native_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    """`--load` takes an HF export too (the quickstart evaluates one): greedy completions from the
+    exported folder equal those from the native checkpoint; `--heldout` skips the RL set (0..39)."""
+    import evaluate as tool
+
+    from megatron_diffu.convert.checkpoint import native_to_hf
+
+    hf = native_to_hf(tiny_checkpoint, tmp_path / "hf", dtype="float32", progress=False)
+    common = ["--heldout", "--limit", "2", "--n-samples", "1", "--max-new-tokens", "6", "--steps", "3",
+              "--temperature", "0", "--k", "1", "--timeout", "2"]
+    runs = {}
+    for name, load in (("native", tiny_checkpoint), ("hf", str(hf))):
+        out = tmp_path / f"{name}.jsonl"
+        assert tool.main(["--load", load, "--out", str(out), *common]) == 0
+        runs[name] = {r["task_id"]: r["completion"] for r in map(json.loads, out.read_text().splitlines())}
+    capsys.readouterr()
+    assert list(runs["native"]) == ["HumanEval/40", "HumanEval/41"]
+    assert runs["hf"] == runs["native"]
