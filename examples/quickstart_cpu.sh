@@ -22,7 +22,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   PRE=(--train-iters 20 --eval-interval 10 --save-interval 20); SFT=(--train-iters 10 --eval-interval 5 --save-interval 10)
   RL=(--train-iters 1); EVAL=(--limit 2)
 else
-  PRE=(); SFT=(--train-iters 100 --eval-interval 50); RL=(--train-iters 2); EVAL=(--limit 8)
+  PRE=(); SFT=(--train-iters 60 --global-batch-size 8 --eval-interval 30 --save-interval 60); RL=(--train-iters 2); EVAL=(--limit 8)
 fi
 stage() { echo; echo "== $1"; }
 

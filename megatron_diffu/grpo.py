@@ -590,18 +590,27 @@ class GRPOStage(PretrainStage):
         return trainer.global_batch_size * seq
 
     def flops_per_step(self, trainer: Trainer) -> float:
-        """Matmul FLOPs: the training pass (x3) over every copy, plus, on a rollout step, the
-        rollout (one full forward per sampler step, an upper bound) and the old/ref passes."""
+        """Matmul FLOPs of the global batch: the body on every position of every copy, the output
+        layer only on the rows the head computes (completion tokens: each once in x_full and once
+        across the complementary pair; 2x as an upper bound for the single-mask estimator); x3 for
+        the training pass; on a rollout step also the old/ref passes and the rollout (every sampler
+        step runs the body over the sequence and the head over the still-masked new tokens, N/2 on
+        average)."""
         if self.buffer is None:
             return 0.0
         g, m = trainer.cfg.grpo, trainer.cfg.model
-        seq = self.buffer.tokens.shape[1]
+        rows, seq = self.buffer.tokens.shape
+        head = 2.0 * m.vocab_size * m.hidden_size
+        body = m.flops_per_token(seq, training=False) - head
         copies = {"coupled": 3, "single": 2, "d1": 1}[g.estimator]
-        fwd = m.flops_per_token(seq, training=False) * trainer.global_batch_size * seq
+        head_rows = {"coupled": 2, "single": 2, "d1": 1}[g.estimator] * float(self.buffer.completion_mask.sum())
+        one_pass = body * rows * seq * copies + head * head_rows
         if "rollout_s" not in self.timings:  # a reuse step: the training pass only
-            return fwd * 3 * copies
+            return 3 * one_pass
         passes = (self.mu if self.mu > 1 else 0) + (self.mu if g.beta else 0)
-        return fwd * (3 * copies + passes * copies + trainer.cfg.sampling.steps)
+        new_tokens = trainer.cfg.sampling.max_new_tokens
+        rollout = trainer.cfg.sampling.steps * (body * rows * seq + head * rows * new_tokens / 2)
+        return 3 * one_pass + passes * one_pass + rollout
 
     def validate(self, trainer: Trainer) -> dict[str, float]:
         return {}

@@ -178,12 +178,22 @@ class SFTStage(PretrainStage):
         return out, sft_loss
 
     def metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        # throughput accounting from what the step really processed: micro-batches are padded to
+        # their length bucket (or packed), not to seq_length, and only response tokens are masked
+        self._step_positions = totals.get("num_tokens", 0.0)
+        self._mask_fraction = totals.get("num_masked", 0.0) / max(self._step_positions, 1.0)
         units = max(totals.get("sft_units", 0.0), 1.0)
         masked = max(totals.get("num_masked", 0.0), 1.0)
         return {"loss": totals.get("loss_sum", float("nan")) / units,
                 "masked_ce": totals.get("ce_sum", float("nan")) / masked,
                 "response_tokens": totals.get("response_tokens", 0.0),
                 "mask_fraction": totals.get("num_masked", 0.0) / max(totals.get("num_tokens", 1.0), 1.0)}
+
+    _step_positions = 0.0
+
+    def tokens_per_step(self, trainer: Trainer) -> int:
+        """Token positions of the global batch as padded (bucketed) this step; seq_length before the first."""
+        return int(self._step_positions) or super().tokens_per_step(trainer)
 
     # ------------------------------------------------------------------ evaluation
     def on_step_end(self, trainer: Trainer, metrics: dict) -> None:

@@ -4,7 +4,7 @@ One line per `--log-interval` iterations on global rank 0 (the metrics are alrea
 DP and broadcast from the last pipeline stage), e.g.
 
      iteration       11/      20 | consumed samples:           88 | lr: 3.000000E-04 | loss: 7.123456E+00 |
-     grad norm: 1.234 | tokens/s: 1.2E+04 | MFU: 31.2% | step time (ms): 85.3 | peak mem (GB): 1.23
+     grad norm: 1.234 | tokens/s: 1.2E+04 | MFU: 31.2% | step time (ms): 85.3 | peak mem (GB): 1.23 | ETA: 0:00:01
 
 Loss, grad norm, tokens/s and step time are averages over the iterations since the last line
 (Megatron's convention); skipped (non-finite) iterations are counted, not averaged. Every
@@ -95,6 +95,8 @@ class MetricsLogger:
                 f"| step time (ms): {1000 * avg('step_time'):.1f} | peak mem (GB): {last.get('peak_mem_gb', 0.0):.2f}")
         if self.skipped:
             line += f" | skipped iterations: {self.skipped}"
+        if iteration < self.train_iters:  # training steps only: evaluation and checkpoint time come on top
+            line += f" | ETA: {_hms((self.train_iters - iteration) * avg('step_time'))}"
         self._print(line)
         self.window, self.skipped = [], 0
 
@@ -121,6 +123,11 @@ class MetricsLogger:
             self.writer.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds)) if math.isfinite(seconds) else 0
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _plain(metrics: dict) -> dict:

@@ -82,12 +82,29 @@ def test_sft_loss_and_heldout_elbo_go_down_on_the_stdlib_instruction_set(corpus)
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 1.0
 
 
+def test_throughput_counts_bucketed_positions_not_seq_length(corpus):
+    """Conversations of <= 160 tokens with seq_length 320 and buckets [160, 320]: every micro-batch
+    is padded to 160, so a step processes 8 x 160 positions (not 8 x 320), and the MFU's mask
+    fraction is the response tokens' share, not pretraining's."""
+    prefix, tok = corpus
+    cfg = make_cfg(prefix, tok.vocab_size, {"data": {"seq_length": 2 * SEQ}, "training": {"train_iters": 1},
+                                            "sft": {"sft_length_buckets": [SEQ, 2 * SEQ], "sft_tail_cut_prob": 0.0}})
+    trainer = make_trainer(cfg, tok)
+    trainer.train()
+    (h,) = trainer.history
+    assert round(h["tokens_per_s"] * h["step_time"]) == 8 * SEQ
+    assert trainer.stage._mask_fraction == pytest.approx(h["mask_fraction"]) and h["mask_fraction"] < 0.5
+
+
 @pytest.mark.slow
 def test_sft_resume_equals_uninterrupted_training(corpus, tmp_path):
     prefix, tok = corpus
     over = {"training": {"train_iters": 4}, "sft": {"sft_tail_cut_prob": 0.5, "sft_length_buckets": [96, 160]}}
     straight = make_trainer(make_cfg(prefix, tok.vocab_size, over), tok)
     straight.train()
+    # tokens/s counts the positions really processed: 2 micro-batches of 4, each padded to its bucket
+    positions = [round(h["tokens_per_s"] * h["step_time"]) for h in straight.history]
+    assert set(positions) <= {4 * a + 4 * b for a in (96, 160) for b in (96, 160)}
     ck = {"checkpoint": {"save": str(tmp_path / "ck"), "load": str(tmp_path / "ck"), "save_interval": 2}}
     first = make_trainer(make_cfg(prefix, tok.vocab_size, over, ck, {"training": {"exit_interval": 2}}), tok)
     first.train()
