@@ -4,7 +4,8 @@
 of `megatron_diffu.diffusion.sampling`: one prompt, one full forward per step, Python loops. It
 shares only the documented randomness contract with the sampler: prompt b owns a generator
 seeded by ``row_seed(seed, b)`` and draws, per step, the transfer coins (origin) / the token
-samples (T > 0) / the position samples (alg_temp > 0) in that order.
+samples (T > 0: one fp64 uniform each, inverse CDF) / the position samples (alg_temp > 0) in
+that order.
 """
 from __future__ import annotations
 
@@ -59,8 +60,15 @@ def ref_probs(logits_row: torch.Tensor, temperature, top_p, top_k) -> torch.Tens
 
 def ref_token(logits_row, cfg: SamplingConfig, gen):
     p = ref_probs(logits_row, cfg.temperature, cfg.top_p, cfg.top_k)
-    if cfg.temperature > 0:
-        tok = int(torch.multinomial(p[None], 1, generator=gen)[0, 0])
+    if cfg.temperature > 0:  # inverse CDF: the first token whose running mass exceeds u * total
+        u = float(torch.rand(1, 1, generator=gen, dtype=torch.float64))
+        masses = p.double().tolist()
+        target, acc, tok = u * sum(masses), 0.0, len(masses) - 1
+        for i, m in enumerate(masses):
+            acc += m
+            if acc > target:
+                tok = i
+                break
     else:
         tok = int(p.argmax())
     p_tok = conf = float(p[tok])
@@ -232,7 +240,7 @@ def test_bad_config_errors_name_the_field():
 
 
 def test_top_p_candidate_path_equals_the_full_sort():
-    """Rows whose nucleus fits in TOP_P_CANDIDATES take `topk` instead of a full sort: the kept set
+    """Rows whose nucleus fits in TOP_P_CANDIDATES[0] take `topk` instead of a full sort: the kept set
     equals the spec's sort-cumsum-cut (Dream's `top_p_logits`), except where the crossing token's
     cumulative mass is within float rounding of top_p (the two normalise in another order)."""
     from megatron_diffu.diffusion import sampling as S
@@ -245,7 +253,7 @@ def test_top_p_candidate_path_equals_the_full_sort():
         drop[..., 0] = False
         return logits.masked_fill(torch.zeros_like(drop).scatter_(-1, order, drop), torch.finfo(logits.dtype).min), cum
 
-    vocab = 4 * S.TOP_P_CANDIDATES
+    vocab = 4 * S.TOP_P_CANDIDATES[0]
     g = torch.Generator().manual_seed(0)
     scales = torch.tensor([0.1, 1.0, 3.0, 6.0, 10.0, 30.0]).repeat_interleave(8)[:, None]  # flat .. peaked rows
     logits = torch.randn(len(scales), vocab, generator=g) * scales
@@ -257,5 +265,19 @@ def test_top_p_candidate_path_equals_the_full_sort():
         same = (got == want).all(-1)
         assert bool((same | near_boundary).all()), f"top_p={top_p}: rows {(~same).nonzero().flatten().tolist()} differ"
         assert int(same.sum()) >= len(scales) - 1
-        fast_rows += int(((want > torch.finfo(want.dtype).min).sum(-1) <= S.TOP_P_CANDIDATES).sum())
+        fast_rows += int(((want > torch.finfo(want.dtype).min).sum(-1) <= S.TOP_P_CANDIDATES[0]).sum())
     assert fast_rows > 0 and fast_rows < 3 * len(scales)  # both paths exercised
+
+
+def test_inverse_cdf_token_draws_follow_the_probabilities():
+    """`sample_tokens` draws from the categorical distribution (frequencies within 5 sigma over
+    200k draws), never a zero-probability token, and accepts unnormalised rows."""
+    from megatron_diffu.diffusion.sampling import sample_tokens
+
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.25, 0.05, 0.0])
+    n = 200_000
+    draws = sample_tokens(probs.expand(n, -1) * 3.0, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=probs.numel()).double() / n
+    assert freq[probs == 0].sum() == 0
+    sigma = (probs.double() * (1 - probs.double()) / n).sqrt()
+    assert bool(((freq - probs.double()).abs() <= 5 * sigma + 1e-12).all()), freq
