@@ -187,7 +187,7 @@ class SFTStage(PretrainStage):
         return {"loss": totals.get("loss_sum", float("nan")) / units,
                 "masked_ce": totals.get("ce_sum", float("nan")) / masked,
                 "response_tokens": totals.get("response_tokens", 0.0),
-                "mask_fraction": totals.get("num_masked", 0.0) / max(totals.get("num_tokens", 1.0), 1.0)}
+                "mask_fraction": self._mask_fraction}
 
     _step_positions = 0.0
 

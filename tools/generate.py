@@ -132,14 +132,9 @@ def pick_device(args: argparse.Namespace) -> torch.device:
     return torch.device("cpu")
 
 
-def _build_model(cfg: Any, grid: Any, device: torch.device):
-    from megatron_diffu.model.transformer import DiffusionTransformer, pipeline_layer_split
-
-    return DiffusionTransformer(cfg, grid=grid, pre_process=grid.is_first_stage, post_process=grid.is_last_stage,
-                                layer_ids=pipeline_layer_split(cfg, grid.pp_size, grid.pp_rank), device=device)
-
-
 def load_model(args: argparse.Namespace, tok: Any, grid: Any, device: torch.device):
+    from megatron_diffu.convert.loading import build_model_for_grid, load_model_for_inference
+
     if args.random_init:
         from megatron_diffu.data.tokenizer import padded_vocab_size
         from megatron_diffu.model.config import TransformerConfig
@@ -147,9 +142,7 @@ def load_model(args: argparse.Namespace, tok: Any, grid: Any, device: torch.devi
         # rows padded to a multiple of 128 * 8, not 128 * tp: the same random model under every TP <= 8
         cfg = TransformerConfig.from_preset(args.random_init, bf16=args.bf16,
                                             vocab_size=padded_vocab_size(tok.vocab_size, 128, 8))
-        return _build_model(cfg, grid, device).eval(), cfg
-    from megatron_diffu.convert.loading import load_model_for_inference
-
+        return build_model_for_grid(cfg, grid, device).eval(), cfg
     return load_model_for_inference(args.load, grid=grid, device=device, bf16=args.bf16)
 
 
