@@ -1,6 +1,6 @@
 """Coupled-GRPO log-probs: our estimator vs the released code's way of computing the same numbers.
 
-Both compute exactly the coupled estimate (ALGORITHMS.md sec. 5) of the same batch with the same
+Both compute exactly the coupled estimate (docs/ALGORITHMS.md sec. 5) of the same batch with the same
 masks, in one forward of the 3 copies:
 - baseline (apple/ml-diffucoder `_get_per_token_logps` + `selective_log_softmax`): full logits of
   every position of every copy, log_softmax over the vocabulary, gather, combine;

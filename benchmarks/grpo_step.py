@@ -6,7 +6,7 @@ tokens/s: the GRPO stage on the trainer beside a plain reference implementation 
     python benchmarks/grpo_step.py                       # tiny model, 4096-token vocabulary, CPU
     python benchmarks/grpo_step.py --vocab-size 151680 --hidden-size 256 --device cuda
 
-The reference is what a direct transcription of ALGORITHMS.md sec. 5 does: one sampler call per
+The reference is what a direct transcription of docs/ALGORITHMS.md sec. 5 does: one sampler call per
 completion, one reward call per completion, and for every sequence and every copy (x_full, x_a,
 x_b) its own forward with full-vocabulary logits and log_softmax, the loss and backward per
 sequence. The stage batches the rollout rows, runs every copy of a micro-batch in ONE forward
@@ -57,7 +57,8 @@ def write_problems(path: str, n: int, prompt_len: int, vocab: int, tok) -> None:
 
 
 def build(args, problems: str):
-    from megatron_diffu.grpo import GRPOConfig, GRPOStage
+    from megatron_diffu.stages.grpo.config import GRPORunConfig
+    from megatron_diffu.stages.grpo.stage import GRPOStage
     from megatron_diffu.parallel.state import ProcessGrid
     from megatron_diffu.training.trainer import Trainer
 
@@ -72,11 +73,10 @@ def build(args, problems: str):
          "training": {"micro_batch_size": args.micro_batch_size, "global_batch_size": args.prompts * args.G,
                       "train_iters": 1, "eval_interval": 0, "exit_signal_handler": False},
          "logging": {"log_interval": 1000, "peak_flops": 1e12}}
-    cfg = GRPOConfig.from_dict(d)
+    cfg = GRPORunConfig.from_dict(d)
     stage = GRPOStage()
     tok = stand_in_tokenizer(args.vocab_size)
     stage.tokenizer, stage.mask_token_id = tok, tok.mask_id
-    cfg.diffusion.mask_token_id = tok.mask_id
     return Trainer(cfg, stage, grid=ProcessGrid.single(), device=torch.device(args.device))
 
 
@@ -89,7 +89,9 @@ def sync(device: str) -> None:
 def reference_step(trainer, rollout_index: int = 0) -> dict:
     """The same GRPO step written plainly (loops, no batching of rows or copies, full logits)."""
     from megatron_diffu.diffusion.sampling import diffusion_generate
-    from megatron_diffu.grpo import completion_mask_from, mask_seed
+    from megatron_diffu.stages.grpo.logprobs import mask_seed
+    from megatron_diffu.stages.grpo.rollout import completion_mask_from
+    from megatron_diffu.stages.grpo.scoring import completion_text
     from megatron_diffu.rl.advantages import group_advantages
     from megatron_diffu.rl.coupled import draw_noise
 
@@ -99,7 +101,7 @@ def reference_step(trainer, rollout_index: int = 0) -> dict:
     times = {}
     sync(cfg_device := str(dev))
     t0 = time.perf_counter()
-    prompt_of = st._prompt_indices(rollout_index)
+    prompt_of = st.schedule.problem_indices(rollout_index)
     P = max(len(st.problems[i].prompt_ids) for i in prompt_of)
     rows = []
     model.eval()
@@ -119,7 +121,7 @@ def reference_step(trainer, rollout_index: int = 0) -> dict:
     t0 = time.perf_counter()
     rewards = []
     for r in range(gbs):  # one reward call per completion
-        text = st.completion_text(tokens[r, P:].tolist())
+        text = completion_text(tok, tokens[r, P:].tolist(), st.stop_ids)
         rewards += compute_rewards([text], [st.problems[prompt_of[r // G]].problem], {"bench_target": 1.0}).total
     times["reward_s"] = time.perf_counter() - t0
     adv = group_advantages(torch.tensor(rewards), G, g.advantage_mode)
@@ -197,13 +199,12 @@ def main(argv=None) -> int:
         problems = os.path.join(tmp, "problems.jsonl")
         write_problems(problems, 16, args.prompt_length, args.vocab_size, stand_in_tokenizer(args.vocab_size))
         ours = build(args, problems)
-        ours.stage.timings = {}
         sync(args.device)
         t0 = time.perf_counter()
         m = ours.train_step()
         sync(args.device)
         step = time.perf_counter() - t0
-        stage = dict(ours.stage.timings)
+        stage = {k: float(m[k]) for k in ("rollout_s", "reward_s", "logp_passes_s")}
         stage["update_s"] = step - sum(stage.values())
         stage["loss"] = float(m["loss"])
         stage["rollout_tokens_per_s"] = float(m["rollout_tokens_per_s"])

@@ -5,7 +5,7 @@
 
 Measures full training steps (batch fetch, noise, forward, backward, gradient reduction, clip,
 optimizer) after one warm-up step:
-- ours: `Trainer` + `PretrainStage` (logits only at masked positions, vocab-parallel CE, flat fp32
+- ours: `Trainer` + the pretraining `DiffusionStage` (logits only at masked positions, vocab-parallel CE, flat fp32
   AdamW), 1 process or 2 (gloo, DP=2);
 - reference: transformers `Qwen2ForCausalLM` with a full (bidirectional) 4-D mask, the objective
   written naively (full [B, S, V] logits, shift by hand, 1/t-weighted CE over masked positions),
@@ -49,8 +49,9 @@ def _batch(sample_ids, seq, vocab):
 # ------------------------------------------------------------------------------------ ours
 def _ours(rank, name, steps, world):
     torch.set_num_threads(1 if world > 1 else max(1, torch.get_num_threads()))
-    from megatron_diffu.config import PretrainConfig
-    from megatron_diffu.pretrain import PretrainStage
+    from megatron_diffu.stages.diffusion.config import PretrainRunConfig
+    from megatron_diffu.stages.diffusion.objective import DocumentMasking, PerPosition
+    from megatron_diffu.stages.diffusion.stage import DiffusionStage
     from megatron_diffu.training.logging import measure_peak_flops
     from megatron_diffu.training.trainer import Trainer, build_grid
 
@@ -61,22 +62,21 @@ def _ours(rank, name, steps, world):
     for k, v in over.items():
         args += ([f"--{k.replace('_', '-')}"] if v is True else [f"--no-{k.replace('_', '-')}"] if v is False
                  else [f"--{k.replace('_', '-')}", str(v)])
-    cfg = PretrainConfig.from_args(args)
+    cfg = PretrainRunConfig.from_args(args)
 
-    class Synthetic(PretrainStage):
-        def configure(self, cfg, world_size):
-            self.mask_token_id = cfg.model.vocab_size - 1
-            self.special_ids = []
+    class SyntheticData:  # random token windows: the data source plugged into the pretraining stage
+        def setup(self, trainer, tokenizer):
+            pass
 
-        def setup(self, trainer):
-            self.trainer = trainer
-
-        def train_micro_batches(self, trainer):
+        def micro_batches(self, trainer):
             start = trainer.consumed_samples + trainer.grid.dp_rank * trainer.micro_batch_size
             return [_batch(range(start, start + trainer.micro_batch_size), seq, cfg.model.vocab_size)]
 
-    stage = Synthetic()
-    stage.configure(cfg, world)
+        def held_out(self):
+            return None
+
+    stage = DiffusionStage(SyntheticData(), DocumentMasking(), PerPosition())
+    stage.tokenizer, stage.mask_token_id = object(), cfg.model.vocab_size - 1
     tr = Trainer(cfg, stage, build_grid(cfg))
     tr.train_step()  # warm-up
     times, masked = [], []

@@ -1,12 +1,17 @@
-"""Composite run configs: part dataclasses + YAML (nested by section) + Megatron-style flags.
+"""Run configs: section dataclasses + YAML (nested by section) + Megatron-style flags.
 
-A run config is a dataclass whose fields are *sections*, each itself a dataclass owned by one
-part (`model: TransformerConfig`, `data: DataConfig`, `diffusion: DiffusionConfig`, ...).
+This module is the generic machinery and imports no part of the package: each part owns its
+section dataclass (`model/config.py: TransformerConfig`, `parallel/config.py: ParallelConfig`,
+`data/config.py: DataConfig`, `diffusion/objective.py: DiffusionConfig`, `training/*`: optimizer,
+training, checkpoint, logging) and each stage composes the sections it uses into a run config
+(`stages/diffusion/config.py: PretrainRunConfig, SFTRunConfig`, `stages/grpo/config.py: GRPORunConfig`).
 
-    cfg = PretrainConfig.from_args(["--config", "examples/pretrain_tiny_cpu.yaml", "--lr", "3e-4"])
+    cfg = PretrainRunConfig.from_args(["--config", "examples/pretrain_tiny_cpu.yaml", "--lr", "3e-4"])
     cfg.validate(world_size=4)      # once at start-up; raises ConfigError listing every problem
 
 Rules:
+- One validation contract (`SectionConfig`): a section's `problems() -> list[str]` lists what is
+  wrong (never raises); `validate()` raises ConfigError with all of them and returns the section.
 - Every field of every section gets a flag derived from its name (`micro_batch_size` ->
   `--micro-batch-size`); booleans take `--x` / `--no-x`; lists take several values
   (`--data-path 0.7 a 0.3 b`); `--x none` sets an Optional field to None.
@@ -16,11 +21,11 @@ Rules:
   them; in YAML set it in any one section (it is copied to the others; conflicting explicit
   values are an error).
 - `ALIASES`: Megatron flag spellings that differ from our field names.
-- `model: {preset: tiny, ...}` / `--model-preset tiny`: start from a TransformerConfig preset,
-  then apply the explicitly set model fields.
-- Extending (SFT/GRPO): subclass `RunConfig` (or `PretrainConfig`) and add a section field whose
-  default_factory is a dataclass; its fields get flags automatically. Override
-  `validate_extra(world_size) -> list[str]` for stage-specific cross-checks.
+- Presets: a section type with a `PRESETS` class attribute (TransformerConfig) accepts
+  `model: {preset: tiny, ...}` / `--model-preset tiny`: start from the preset, then apply the
+  explicitly set fields.
+- A run config subclasses `RunConfig` with one field per section (default_factory = the section
+  dataclass) and overrides `cross_section_problems(world_size)` for rules spanning sections.
 """
 from __future__ import annotations
 
@@ -34,145 +39,28 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from megatron_diffu.diffusion.objective import DiffusionConfig
-from megatron_diffu.model.config import PRESETS, TransformerConfig
-
-try:  # owned by the data engineer; DESIGN.md: data/config.py
-    from megatron_diffu.data.config import DataConfig  # type: ignore
-except ImportError:  # pragma: no cover - only while the data part is not there yet
-    @dataclass
-    class DataConfig:  # type: ignore[no-redef]
-        data_path: list[str] = field(default_factory=list)
-        split: str = "969,30,1"
-        seq_length: int = 128
-        tokenizer_type: str = "QwenTokenizer"
-        tokenizer_model: Optional[str] = None
-        seed: int = 1234
-
+from megatron_diffu.common.atomic import atomic_write_text
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the field/flag/file and the fix."""
 
 
-# ------------------------------------------------------------------------------------ sections
-@dataclass
-class ParallelConfig:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    sequence_parallel: bool = False
-    use_distributed_optimizer: bool = False
-    pipeline_model_parallel_split: Optional[list[int]] = None  # layers per stage; None = even split
+class SectionConfig:
+    """The one validation contract of every config dataclass of the package.
 
-    def validate(self) -> list[str]:
-        e = []
-        if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
-            e.append("parallel: --tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
-        if self.pipeline_model_parallel_split is not None and \
-                len(self.pipeline_model_parallel_split) != self.pipeline_model_parallel_size:
-            e.append(f"parallel.pipeline_model_parallel_split={self.pipeline_model_parallel_split} needs "
-                     f"{self.pipeline_model_parallel_size} entries (one per pipeline stage)")
-        return e
+    `problems(*context) -> list[str]`: every problem found, each naming the field and the fix
+    (empty when fine; never raises). `validate(*context) -> self`: raises ConfigError listing
+    them all. A run config's `validate` collects the `problems` of all its sections at once.
+    """
 
+    def problems(self, *context: Any, **named: Any) -> list[str]:
+        return []
 
-LR_DECAY_STYLES = ("constant", "linear", "cosine", "wsd", "inverse-square-root")
-WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
-
-
-@dataclass
-class OptimizerConfig:
-    optimizer: str = "adam"  # AdamW (decoupled weight decay), Megatron's --optimizer adam
-    lr: float = 3e-4
-    min_lr: float = 0.0
-    lr_warmup_iters: int = 0
-    lr_warmup_init: float = 0.0
-    lr_decay_style: str = "cosine"
-    lr_decay_iters: Optional[int] = None  # None: train_iters
-    lr_wsd_decay_style: str = "linear"
-    lr_wsd_decay_iters: Optional[int] = None  # WSD: length of the final decay phase
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0  # 0 disables clipping
-
-    def validate(self) -> list[str]:
-        e = []
-        if self.optimizer != "adam":
-            e.append(f"optimizer.optimizer={self.optimizer!r}: only 'adam' (AdamW) is implemented")
-        if self.lr_decay_style not in LR_DECAY_STYLES:
-            e.append(f"optimizer.lr_decay_style={self.lr_decay_style!r}: choose one of {LR_DECAY_STYLES}")
-        if self.lr_wsd_decay_style not in WSD_DECAY_STYLES:
-            e.append(f"optimizer.lr_wsd_decay_style={self.lr_wsd_decay_style!r}: choose one of {WSD_DECAY_STYLES}")
-        if self.lr < 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            e.append(f"optimizer: need 0 <= min_lr ({self.min_lr}) <= lr ({self.lr})")
-        if self.lr_warmup_iters < 0:
-            e.append(f"optimizer.lr_warmup_iters={self.lr_warmup_iters} must be >= 0")
-        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1) or self.adam_eps <= 0:
-            e.append("optimizer: adam_beta1/adam_beta2 must be in [0, 1) and adam_eps > 0")
-        if self.clip_grad < 0 or self.weight_decay < 0:
-            e.append("optimizer: clip_grad and weight_decay must be >= 0")
-        return e
-
-
-@dataclass
-class TrainingConfig:
-    micro_batch_size: int = 1
-    global_batch_size: Optional[int] = None  # None: micro_batch_size * data-parallel size
-    train_iters: Optional[int] = None
-    train_samples: Optional[int] = None  # alternative to train_iters (converted at start-up)
-    eval_interval: int = 1000  # 0 disables validation
-    eval_iters: int = 10  # validation micro-batch rounds per evaluation
-    exit_signal_handler: bool = True  # SIGTERM/SIGUSR1 -> checkpoint then exit (training/signals.py)
-    exit_interval: Optional[int] = None  # stop after this iteration (saving first)
-    max_skipped_steps: int = 10  # consecutive non-finite steps before giving up
-    empty_unused_memory_level: int = 0
-
-    def validate(self) -> list[str]:
-        e = []
-        if self.micro_batch_size < 1:
-            e.append(f"training.micro_batch_size={self.micro_batch_size} must be >= 1")
-        if self.train_iters is None and self.train_samples is None:
-            e.append("training: set --train-iters or --train-samples")
-        if self.train_iters is not None and self.train_samples is not None:
-            e.append("training: set only one of --train-iters and --train-samples")
-        if self.eval_interval < 0 or self.eval_iters < 0 or self.max_skipped_steps < 1:
-            e.append("training: eval_interval, eval_iters must be >= 0 and max_skipped_steps >= 1")
-        return e
-
-
-@dataclass
-class CheckpointConfig:
-    save: Optional[str] = None
-    load: Optional[str] = None
-    save_interval: Optional[int] = None
-    keep_last: Optional[int] = 3  # None: keep every checkpoint
-    finetune: bool = False  # load model weights only; iteration/optimizer/data position restart
-    no_load_optim: bool = False
-    no_load_rng: bool = False
-    no_save_optim: bool = False
-
-    def validate(self) -> list[str]:
-        e = []
-        if self.save_interval is not None and self.save_interval < 1:
-            e.append(f"checkpoint.save_interval={self.save_interval} must be >= 1")
-        if self.save_interval is not None and not self.save:
-            e.append("checkpoint: --save-interval needs --save DIR")
-        if self.keep_last is not None and self.keep_last < 1:
-            e.append(f"checkpoint.keep_last={self.keep_last} must be >= 1 (or none to keep all)")
-        if self.finetune and not self.load:
-            e.append("checkpoint: --finetune needs --load DIR (the checkpoint to start from)")
-        return e
-
-
-@dataclass
-class LoggingConfig:
-    log_interval: int = 10
-    tensorboard_dir: Optional[str] = None
-    log_file: Optional[str] = None  # also append the log lines (rank 0) to this file; JSONL metrics beside it
-    peak_flops: Optional[float] = None  # per-device peak FLOP/s for MFU; None: measured (CPU) / known (GPU)
-
-    def validate(self) -> list[str]:
-        return [] if self.log_interval >= 1 else [f"logging.log_interval={self.log_interval} must be >= 1"]
+    def validate(self, *context: Any, **named: Any):
+        errors = self.problems(*context, **named)
+        if errors:
+            raise ConfigError(f"invalid {type(self).__name__}:\n  - " + "\n  - ".join(errors))
+        return self
 
 
 # ------------------------------------------------------------------------------------ composite
@@ -312,7 +200,8 @@ class RunConfig:
         shared: dict[str, tuple[str, Any]] = {}
         for sec, sec_type in types.items():
             given = dict(values.get(sec) or {})
-            preset = given.pop("preset", None) if sec == "model" else None
+            presets = _presets_of(sec_type)
+            preset = given.pop("preset", None) if presets else None
             hints = typing.get_type_hints(sec_type)
             known = {f.name for f in dataclasses.fields(sec_type)}
             for key in given:
@@ -328,10 +217,10 @@ class RunConfig:
                                           f"in '{sec}'; it is one setting (--{k.replace('_', '-')}): set it once")
                     shared[k] = (sec, v)
             if preset is not None:
-                if preset not in PRESETS:
-                    raise ConfigError(f"{source}: model.preset={preset!r} is not a preset{_suggest(str(preset), sorted(PRESETS))}; "
-                                      f"choose one of {sorted(PRESETS)}")
-                parsed = {**PRESETS[preset], **parsed}
+                if preset not in presets:
+                    raise ConfigError(f"{source}: {sec}.preset={preset!r} is not a preset{_suggest(str(preset), sorted(presets))}; "
+                                      f"choose one of {sorted(presets)}")
+                parsed = {**presets[preset], **parsed}
             kwargs[sec] = parsed
         for k, (sec, v) in shared.items():  # a shared field set anywhere applies to every section
             for s, name, _ in index[_flag(k)]:
@@ -358,7 +247,9 @@ class RunConfig:
                 parser.add_argument(flag, dest=dest, nargs="+", default=None, help=helptext)
             else:
                 parser.add_argument(flag, dest=dest, default=None, help=helptext)
-        parser.add_argument("--model-preset", dest="model_preset", default=None, help=f"one of {sorted(PRESETS)}")
+        preset_sections = {sec: _presets_of(t) for sec, t in cls.section_types().items() if _presets_of(t)}
+        for sec, presets in preset_sections.items():
+            parser.add_argument(f"--{sec}-preset", dest=f"{sec}_preset", default=None, help=f"one of {sorted(presets)}")
         for alias, target in ALIASES.items():
             if target in index:
                 parser.add_argument(alias, dest=target[2:].replace("-", "_"), default=argparse.SUPPRESS,
@@ -368,7 +259,7 @@ class RunConfig:
         ns, unknown = parser.parse_known_args(argv)
         if unknown:
             bad = [u for u in unknown if u.startswith("--")] or unknown
-            known = sorted(list(index) + list(ALIASES) + ["--config", "--model-preset"])
+            known = sorted(list(index) + list(ALIASES) + ["--config"] + [f"--{s}-preset" for s in preset_sections])
             flag = bad[0].split("=")[0]
             raise ConfigError(f"unknown flag {flag}{_suggest(flag, known)} (run with --help for the list)")
         out: dict[str, dict[str, Any]] = {}
@@ -378,8 +269,9 @@ class RunConfig:
                 continue
             for sec, name, tp in targets:
                 out.setdefault(sec, {})[name] = coerce(v, tp, f"flag {flag}")
-        if ns.model_preset:
-            out.setdefault("model", {})["preset"] = ns.model_preset
+        for sec in preset_sections:
+            if getattr(ns, f"{sec}_preset"):
+                out.setdefault(sec, {})["preset"] = getattr(ns, f"{sec}_preset")
         return out
 
     # -------------------------------------------------------------- output
@@ -390,42 +282,36 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save_yaml(self, path: str | Path) -> None:
-        import os
-        path = Path(path)
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        tmp.write_text(self.to_yaml())
-        os.replace(tmp, path)
+        atomic_write_text(path, self.to_yaml())
 
     def is_explicit(self, section: str, name: str) -> bool:
         return f"{section}.{name}" in self.explicit
 
     # -------------------------------------------------------------- validation
     def validate(self, world_size: int = 1) -> "RunConfig":
-        """One pass over every section and the cross-section rules; raises ConfigError with all problems."""
+        """One pass over every section's `problems()` and the cross-section rules; raises
+        ConfigError listing every problem."""
         errors: list[str] = []
         for name, sec in self.sections().items():
-            v = getattr(sec, "validate", None)
-            if v is None:
-                continue
-            if isinstance(sec, TransformerConfig):
-                try:
-                    sec.validate(self.parallel.tensor_model_parallel_size, self.parallel.pipeline_model_parallel_size)
-                except ValueError as exc:
-                    errors.append(str(exc))
-                continue
-            try:
-                got = v()
-            except (ValueError, TypeError) as exc:
-                got = [str(exc)]
-            errors.extend(got if isinstance(got, list) else [])
-        errors.extend(self.validate_extra(world_size))
+            if isinstance(sec, SectionConfig):
+                errors.extend(sec.problems(**self.section_context(name, world_size)))
+        errors.extend(self.cross_section_problems(world_size))
         if errors:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
         return self
 
-    def validate_extra(self, world_size: int) -> list[str]:
-        """Cross-section checks; subclasses extend (call super)."""
+    def section_context(self, name: str, world_size: int) -> dict[str, Any]:
+        """Keyword arguments for section `name`'s `problems()` (e.g. the model's TP/PP sizes)."""
+        return {}
+
+    def cross_section_problems(self, world_size: int) -> list[str]:
+        """Rules that involve several sections; run configs extend (call super)."""
         return []
+
+
+def _presets_of(section_type: type) -> dict[str, dict[str, Any]]:
+    """A section type may offer named starting points: a class attribute `PRESETS` {name: {field: value}}."""
+    return dict(getattr(section_type, "PRESETS", None) or {})
 
 
 def _pop_config_flag(argv: list[str]) -> tuple[Optional[str], list[str]]:
@@ -479,57 +365,3 @@ def load_yaml(path: str | Path, cls: type = None) -> dict[str, dict[str, Any]]:
             if sec not in types:
                 raise ConfigError(f"{path}: unknown section {sec!r}{_suggest(sec, sorted(types))}; sections: {sorted(types)}")
     return {k: dict(v or {}) for k, v in data.items()}
-
-
-# ------------------------------------------------------------------------------------ stages
-@dataclass
-class PretrainConfig(RunConfig):
-    model: TransformerConfig = field(default_factory=TransformerConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-
-    def data_parallel_size(self, world_size: int) -> int:
-        mp = self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
-        return max(1, world_size // max(1, mp))
-
-    def resolved_global_batch_size(self, world_size: int) -> int:
-        t = self.training
-        return t.global_batch_size or t.micro_batch_size * self.data_parallel_size(world_size)
-
-    def num_micro_batches(self, world_size: int) -> int:
-        dp = self.data_parallel_size(world_size)
-        return self.resolved_global_batch_size(world_size) // (self.training.micro_batch_size * dp)
-
-    def resolved_train_iters(self, world_size: int) -> int:
-        t = self.training
-        if t.train_iters is not None:
-            return int(t.train_iters)
-        gbs = self.resolved_global_batch_size(world_size)
-        return -(-int(t.train_samples or 0) // gbs)
-
-    def validate_extra(self, world_size: int) -> list[str]:
-        e = super().validate_extra(world_size)
-        p, t = self.parallel, self.training
-        mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
-        if world_size % mp:
-            e.append(f"world size {world_size} is not divisible by tensor_model_parallel_size * "
-                     f"pipeline_model_parallel_size = {mp}: launch a multiple of {mp} processes")
-            return e
-        dp = world_size // mp
-        gbs = self.resolved_global_batch_size(world_size)
-        if gbs % (t.micro_batch_size * dp):
-            e.append(f"training.global_batch_size={gbs} is not divisible by micro_batch_size * data-parallel size "
-                     f"= {t.micro_batch_size} * {dp} = {t.micro_batch_size * dp}: use a multiple of "
-                     f"{t.micro_batch_size * dp} (e.g. --global-batch-size {max(1, gbs // (t.micro_batch_size * dp)) * t.micro_batch_size * dp})")
-        seq = getattr(self.data, "seq_length", None)
-        if seq is not None and seq > self.model.max_position_embeddings:
-            e.append(f"data.seq_length={seq} exceeds model.max_position_embeddings={self.model.max_position_embeddings}")
-        if p.sequence_parallel and seq is not None and seq % p.tensor_model_parallel_size:
-            e.append(f"--sequence-parallel needs seq_length ({seq}) divisible by tensor_model_parallel_size "
-                     f"({p.tensor_model_parallel_size})")
-        return e

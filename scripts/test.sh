@@ -9,4 +9,5 @@ if [ -x scripts/slurm_local.sh ]; then
   bash scripts/slurm_local.sh start || echo "[test.sh] local SLURM could not be started; slurm tests will skip"
   trap 'bash scripts/slurm_local.sh stop' EXIT
 fi
-python3 -m pytest -q "$@"
+# --runslow: CI runs the tests marked slow too (a bare `pytest` skips them)
+python3 -m pytest -q --runslow "$@"

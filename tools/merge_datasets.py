@@ -7,7 +7,8 @@
 
 Inputs are validated first (sizes, header, dtype); documents keep their order (inputs in the
 given order; with --input-dir, prefixes sorted by name). Written through megatron-core's
-IndexedDatasetBuilder.add_index to temporary names, then moved into place with os.replace.
+IndexedDatasetBuilder.add_index to temporary names, then moved into place (common.atomic.AtomicFiles:
+the old .idx is removed first, the new one moved last).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # megatron-core warns at import that Transformer Engine/Apex are absent: irrelevant to data tools.
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
 
+from megatron_diffu.common.atomic import AtomicFiles  # noqa: E402
 from megatron_diffu.data.indexed import DatasetFormatError, validate_indexed_dataset  # noqa: E402
 
 
@@ -41,20 +43,17 @@ def merge_datasets(prefixes: Sequence[str], output_prefix: str) -> dict:
         detail = ", ".join(f"{i.prefix}: {i.dtype.__name__}" for i in infos)
         raise DatasetFormatError(f"cannot merge datasets of different token dtypes ({detail}): they were made with "
                                  "different tokenizers; re-run tools/preprocess_data.py with one tokenizer")
-    tmp_bin, tmp_idx = f"{output_prefix}.bin.tmp-{os.getpid()}", f"{output_prefix}.idx.tmp-{os.getpid()}"
-    try:
+    # the old .idx is removed first and the new one moved last: never paired with the new .bin
+    with AtomicFiles([output_prefix + ".bin", output_prefix + ".idx"], indexes=[output_prefix + ".idx"]) as files:
+        tmp_bin, tmp_idx = (str(t) for t in files.temps)
         builder = IndexedDatasetBuilder(tmp_bin, dtype=infos[0].dtype)
-        for p in prefixes:
-            builder.add_index(p)
-        builder.finalize(tmp_idx)
-        if os.path.exists(output_prefix + ".idx"):
-            os.remove(output_prefix + ".idx")
-        os.replace(tmp_bin, output_prefix + ".bin")
-        os.replace(tmp_idx, output_prefix + ".idx")
-    finally:
-        for t in (tmp_bin, tmp_idx):
-            if os.path.exists(t):
-                os.remove(t)
+        try:
+            for p in prefixes:
+                builder.add_index(p)
+            builder.finalize(tmp_idx)
+        except BaseException:
+            builder.data_file.close()
+            raise
     return {"datasets": len(infos), "documents": sum(i.num_documents for i in infos),
             "tokens": sum(i.num_tokens for i in infos)}
 

@@ -4,7 +4,7 @@
     python tools/plot_loss.py runs/quickstart/train.log.jsonl --out runs/quickstart/loss.png
 
 The JSONL is written by the trainer when `--log-file` is set (one object per iteration, plus
-`{"iteration": N, "validation": {...}}` records). Written atomically (temp file + os.replace).
+`{"iteration": N, "validation": {...}}` records). Written atomically (`common.atomic.atomic_path`).
 """
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ import argparse
 import json
 import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_diffu.common.atomic import atomic_path  # noqa: E402
 
 
 def read_metrics(path: str) -> tuple[list[tuple[int, dict]], list[tuple[int, dict]]]:
@@ -67,9 +71,8 @@ def main(argv=None) -> int:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = args.out + f".tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, args.out)
+    with atomic_path(args.out) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")  # always PNG, whatever --out ends with (as before)
     print(f"wrote {args.out} ({len(train)} iterations, {len(valid)} validations)")
     return 0
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_diffu.data.rl import (RL_TASK_IDS, chat_prompt_ids, humaneval_rl_records, validate_record,  # noqa: E402
-                                    write_jsonl_atomic)
-from megatron_diffu.eval.humaneval import ProblemFormatError, read_jsonl  # noqa: E402
+from megatron_diffu.common.atomic import atomic_write_jsonl  # noqa: E402
+from megatron_diffu.common.progress import Progress  # noqa: E402
+from megatron_diffu.data.rl import RL_TASK_IDS, chat_prompt_ids, humaneval_rl_records, validate_record  # noqa: E402
+from megatron_diffu.execution.problems import ProblemFormatError, read_jsonl  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,9 +47,11 @@ def main(argv=None) -> int:
         records = [(f"humaneval:{r['task_id']}", r) for r in humaneval_rl_records()]
     else:
         records = [(f"{args.input}:{n}", r) for n, r in read_jsonl(args.input)]
-    t0, out, dropped, seen = time.time(), [], 0, {}
+    out, dropped, seen = [], 0, {}
+    prog = Progress(len(records), "[preprocess_rl] problems", log=lambda line: print(line, flush=True))
     try:
-        for i, (where, rec) in enumerate(records):
+        for where, rec in records:
+            prog.update()
             problem = validate_record(rec, where)
             if problem.task_id in seen:
                 raise ProblemFormatError(f"{where}: duplicate task_id {problem.task_id!r} (first at {seen[problem.task_id]})")
@@ -59,17 +61,14 @@ def main(argv=None) -> int:
                 dropped += 1
                 continue
             out.append(dict(problem.to_dict(), prompt_ids=ids))
-            if (i + 1) % 1000 == 0:
-                rate = (i + 1) / max(time.time() - t0, 1e-9)
-                print(f"[preprocess_rl] {i + 1}/{len(records)} problems ({rate:.0f}/s, ETA "
-                      f"{(len(records) - i - 1) / rate:.0f}s)", flush=True)
     except ProblemFormatError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not out:
         print("error: no problems left to write (all dropped by --max-prompt-length?)", file=sys.stderr)
         return 2
-    n = write_jsonl_atomic(out, args.output)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    n = atomic_write_jsonl(args.output, out)
     lengths = sorted(len(r["prompt_ids"]) for r in out)
     print(f"[preprocess_rl] wrote {n} problems to {args.output} ({dropped} dropped by --max-prompt-length); "
           f"prompt tokens min/median/max {lengths[0]}/{lengths[len(lengths) // 2]}/{lengths[-1]}", flush=True)

@@ -28,7 +28,6 @@ Decisions (see also the module docstrings of hf.py / native_io.py):
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -40,6 +39,8 @@ from typing import Callable, Optional
 import torch
 import yaml
 
+from megatron_diffu.common.atomic import atomic_dir
+from megatron_diffu.common.progress import Progress
 from megatron_diffu.model.config import TransformerConfig
 from megatron_diffu.model.transformer import global_parameter_shapes
 
@@ -55,22 +56,10 @@ MODELING_FILES = ("configuration_dream.py", "modeling_dream.py", "generation_uti
 REPORT_NAME = "conversion_report.json"
 
 
-class Progress:
-    """Prints `label: done/total MB (rate MB/s, ETA s)` to stderr at most every `every_s` seconds."""
-
-    def __init__(self, label: str, total_bytes: int, every_s: float = 2.0, enabled: bool = True):
-        self.label, self.total, self.every, self.enabled = label, max(total_bytes, 1), every_s, enabled
-        self.done, self.t0, self.last = 0, time.perf_counter(), 0.0
-
-    def add(self, nbytes: int) -> None:
-        self.done += nbytes
-        now = time.perf_counter()
-        if self.enabled and (now - self.last >= self.every or self.done >= self.total):
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / max(rate, 1e-9)
-            print(f"{self.label}: {self.done / 2**20:,.0f}/{self.total / 2**20:,.0f} MB "
-                  f"({rate / 2**20:,.0f} MB/s, ETA {eta:,.0f} s)", file=sys.stderr, flush=True)
+def _byte_progress(label: str, total_bytes: int, enabled: bool) -> Progress:
+    """`label: done/total MB (rate MB/s, ETA h:mm:ss)` on stderr at most every 2 s (and at the end)."""
+    return Progress(max(total_bytes, 1), label, unit="MB", scale=2**20, every_s=2.0, enabled=enabled,
+                    clock=time.perf_counter)
 
 
 # ============================================================================ HF -> native
@@ -177,38 +166,33 @@ def hf_to_native(input_dir: Path, output_dir: Path, tp: int = 1, pp: int = 1, ad
     dtypes = {t.dtype for t in reader.tensors.values()}
     cfg.bf16 = dtypes == {torch.bfloat16}
 
-    tok_tmp = output_dir / f"tokenizer.tmp-{os.getpid()}"
     output_dir.mkdir(parents=True, exist_ok=True)
     if (output_dir / "tokenizer").exists():
         raise FileExistsError(f"{output_dir}/tokenizer already exists; choose an empty --output directory")
-    plan = _plan_tokenizer(input_dir, tok_tmp, model_type, cfg.vocab_size, tp, add_mask_token)
-    cfg.vocab_size = plan.target_rows
-    try:
-        cfg.validate(tp, pp)
-    except ValueError as e:
-        shutil.rmtree(tok_tmp, ignore_errors=True)
-        raise ValueError(f"target layout TP={tp} PP={pp} does not divide the model from {where}: {e}") from None
+    # the tokenizer directory appears only after the checkpoint is committed (on an error: neither)
+    with atomic_dir(output_dir / "tokenizer") as tok_tmp:
+        plan = _plan_tokenizer(input_dir, tok_tmp, model_type, cfg.vocab_size, tp, add_mask_token)
+        cfg.vocab_size = plan.target_rows
+        try:
+            cfg.validate(tp_size=tp, pp_size=pp)
+        except ValueError as e:
+            raise ValueError(f"target layout TP={tp} PP={pp} does not divide the model from {where}: {e}") from None
 
-    specs = _native_specs(reader, cfg, plan)
-    total = sum(t.nbytes for t in reader.tensors.values())
-    bar = Progress("hf-to-native", total, enabled=progress)
-    report = _import_report(input_dir, model_type, cfg, plan, tp, pp)
+        specs = _native_specs(reader, cfg, plan)
+        total = sum(t.nbytes for t in reader.tensors.values())
+        bar = _byte_progress("hf-to-native", total, enabled=progress)
+        report = _import_report(input_dir, model_type, cfg, plan, tp, pp)
 
-    def fill(tmp: Path) -> None:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            save_lazy(tmp, specs, on_tensor=lambda _n, t: bar.add(t.numel() * t.element_size()))
-        run_config = {"model": cfg.to_dict(),
-                      "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}}
-        (tmp / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
+        def fill(tmp: Path) -> None:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+                save_lazy(tmp, specs, on_tensor=lambda _n, t: bar.update(t.numel() * t.element_size()))
+            run_config = {"model": cfg.to_dict(),
+                          "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}}
+            (tmp / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+            (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
 
-    try:
         it_dir = write_checkpoint_atomically(output_dir, 0, fill)
-    except BaseException:
-        shutil.rmtree(tok_tmp, ignore_errors=True)
-        raise
-    os.replace(tok_tmp, output_dir / "tokenizer")
     return it_dir
 
 
@@ -346,29 +330,20 @@ def _native_to_hf(input_dir, output_dir, max_shard, dtype, tokenizer_dir, token_
     tokens = _special_tokens(tok_dir, cfg.vocab_size, token_ids)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(f"{output_dir} exists and is not empty; choose a new --output directory")
-    tmp = output_dir.with_name(f"{output_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(output_dir) as tmp:  # replaces an empty output_dir only once the export is complete
         entries = _hf_entries(ck, cfg, dtype)
         out_dtype = entries[0][1]
         writer = _ShardedWriter(tmp, entries, max_shard)
-        bar = Progress("native-to-hf", sum(_nbytes(dt, sh) for _, dt, sh in entries), enabled=progress)
+        bar = _byte_progress("native-to-hf", sum(_nbytes(dt, sh) for _, dt, sh in entries), enabled=progress)
         for group in H.iter_native_groups(cfg):
             loaded = ck.load([n for n, _ in group])
             for native, hf_names in group:
                 for h, t in zip(hf_names, H.to_hf(native, loaded.pop(native), cfg)):
                     t = t.to(dtype) if dtype else t
                     writer.write(h, t)
-                    bar.add(t.numel() * t.element_size())
+                    bar.update(t.numel() * t.element_size())
         writer.close()
         _write_hf_metadata(tmp, cfg, tokens, out_dtype, tok_dir, ck.dir)
-        if output_dir.exists():
-            output_dir.rmdir()
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output_dir
 
 

@@ -14,7 +14,8 @@ from typing import Any, Optional
 import torch
 
 from megatron_diffu.model.config import TransformerConfig
-from megatron_diffu.model.transformer import DiffusionTransformer, pipeline_layer_split
+from megatron_diffu.model.builder import build_model_shard
+from megatron_diffu.model.transformer import DiffusionTransformer
 from megatron_diffu.parallel.state import ProcessGrid
 
 from . import hf as H
@@ -25,15 +26,6 @@ def is_hf_folder(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file()
 
 
-def build_model_for_grid(cfg: TransformerConfig, grid: Optional[ProcessGrid] = None, device: Any = None,
-                         init_weights: bool = True) -> DiffusionTransformer:
-    """The model shard this rank holds under `grid`: its TP slice and its pipeline stage's layers."""
-    grid = grid or ProcessGrid.single()
-    return DiffusionTransformer(cfg, grid=grid, pre_process=grid.is_first_stage, post_process=grid.is_last_stage,
-                                layer_ids=pipeline_layer_split(cfg, grid.pp_size, grid.pp_rank), device=device,
-                                init_weights=init_weights)
-
-
 def load_hf_folder(folder: str | Path, grid: Optional[ProcessGrid] = None, device: Any = None,
                    bf16: bool = False) -> tuple[DiffusionTransformer, TransformerConfig]:
     """(model in eval mode, config) from a Hugging Face folder, built for `grid`'s TP shard / PP stage."""
@@ -41,7 +33,7 @@ def load_hf_folder(folder: str | Path, grid: Optional[ProcessGrid] = None, devic
     cfg = H.transformer_config_from_hf(H.read_hf_config(folder), str(folder / "config.json"))
     cfg.bf16 = bf16 or cfg.bf16
     reader = SafetensorsFolder(folder)
-    model = build_model_for_grid(cfg, grid, device, init_weights=False)  # every weight is loaded below
+    model = build_model_shard(cfg, grid, device=device, init_weights=False)  # every weight is loaded below
     wanted = set(model.canonical_parameters())
     full = {name: H.to_native(name, [reader.get(h) for h in hf_names], cfg)
             for name, hf_names in H.name_pairs(cfg) if name in wanted}

@@ -14,8 +14,6 @@ producer reads).
 """
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -26,14 +24,12 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
-MODEL_PREFIX = "model."
+from megatron_diffu.common.atomic import atomic_dir, atomic_write_text, fsync_tree
+# The layout's names and the "--load path -> iteration directory" rule are the trainer's (one place).
+from megatron_diffu.training.checkpointing import (MODEL_PREFIX, TRACKER_FILE, CheckpointError,  # noqa: F401
+                                                   iter_dir_name, resolve_checkpoint_dir)
 
 Producer = Callable[[], torch.Tensor]
-
-
-def iter_dir_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
 
 
 class _LazySavePlanner(DefaultSavePlanner):
@@ -71,74 +67,30 @@ def save_lazy(directory: Path, specs: dict[str, tuple[torch.Size, torch.dtype, P
     fsync_tree(directory)
 
 
-def fsync_tree(directory: Path) -> None:
-    """Flush every file under `directory` (and the directory entries) to stable storage."""
-    for path in sorted(Path(directory).rglob("*")):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_checkpoint_atomically(out: Path, iteration: int, fill: Callable[[Path], None]) -> Path:
-    """Create `out/iter_X` by calling `fill(tmp_dir)` on `out/iter_X.tmp-<pid>` and renaming it;
-    then replace the tracker file atomically. An existing iteration directory is an error."""
+    """Create `out/iter_X` by calling `fill(tmp_dir)` on a temporary directory beside it
+    (`common.atomic.atomic_dir`); then replace the tracker file atomically. An existing iteration
+    directory is an error."""
     out.mkdir(parents=True, exist_ok=True)
     final = out / iter_dir_name(iteration)
     if final.exists():
         raise FileExistsError(f"{final} already exists; choose an empty --output directory")
-    tmp = out / f"{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with atomic_dir(final) as tmp:
         fill(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    tracker_tmp = out / f"{TRACKER_FILE}.tmp-{os.getpid()}"
-    tracker_tmp.write_text(f"{iteration}\n")
-    os.replace(tracker_tmp, out / TRACKER_FILE)
+    atomic_write_text(out / TRACKER_FILE, f"{iteration}\n")
     return final
 
 
 # ---------------------------------------------------------------------------------- reading
-def resolve_iteration_dir(path: Path) -> Path:
-    """Accept either a save directory (with the tracker file) or an `iter_X` directory."""
-    path = Path(path)
-    if (path / ".metadata").exists():
-        return path
-    tracker = path / TRACKER_FILE
-    if tracker.exists():
-        text = tracker.read_text().strip()
-        try:
-            it = int(text)
-        except ValueError as e:
-            raise ValueError(f"{tracker}: expected an iteration number, found {text!r}") from e
-        d = path / iter_dir_name(it)
-        if not (d / ".metadata").exists():
-            raise FileNotFoundError(f"{tracker} names iteration {it} but {d}/.metadata does not exist "
-                                    f"(incomplete save?)")
-        return d
-    iters = sorted(p for p in path.glob("iter_*") if (p / ".metadata").exists())
-    if iters:
-        return iters[-1]
-    raise FileNotFoundError(f"{path}: not a native checkpoint (no {TRACKER_FILE}, no iter_*/.metadata, no .metadata)")
-
-
 class NativeCheckpoint:
     """Read-only view of the `model.*` tensors of a native checkpoint (any TP/PP layout)."""
 
     def __init__(self, path: Path):
-        self.dir = resolve_iteration_dir(path)
+        try:
+            self.dir = resolve_checkpoint_dir(path)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e} (expected a native checkpoint: a training --save directory or one of "
+                                  f"its iter_* directories)") from None
         md = FileSystemReader(str(self.dir)).read_metadata()
         self.shapes: dict[str, torch.Size] = {}
         self.dtypes: dict[str, torch.dtype] = {}

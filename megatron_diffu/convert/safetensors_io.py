@@ -19,6 +19,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from megatron_diffu.common.atomic import AtomicFiles
+
 # safetensors dtype codes <-> torch dtypes (the subset language models use)
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -166,17 +168,18 @@ class StreamingSafetensorsWriter:
     """Write one safetensors file whose tensor list is known up front, one tensor at a time.
 
     The header (names, dtypes, shapes, offsets) is written first; `write(name, tensor)` must then
-    be called in the declared order. The file is written to `<path>.tmp-<pid>` and renamed on
-    `close()`, so a crash never leaves a truncated file under the final name.
+    be called in the declared order. The file is written to a temporary name and moved into place
+    (fsync'ed) on `close()` (`common.atomic.AtomicFiles`), so a crash never leaves a truncated file
+    under the final name.
     """
 
     def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
                  metadata: Optional[dict[str, str]] = None):
         self.path = Path(path)
         self.entries = entries
-        self._tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self._file = AtomicFiles([self.path], fsync=True)
         header, self._sizes = _header_bytes(entries, {"format": "pt", **(metadata or {})})
-        self._f = open(self._tmp, "wb")
+        self._f = open(self._file.temps[0], "wb")
         self._f.write(header)
         self._next = 0
 
@@ -191,17 +194,14 @@ class StreamingSafetensorsWriter:
 
     def close(self) -> None:
         if self._next != len(self.entries):
-            self._f.close()
-            self._tmp.unlink(missing_ok=True)
+            self.abort()
             raise ValueError(f"{self.path}: only {self._next} of {len(self.entries)} tensors were written")
-        self._f.flush()
-        os.fsync(self._f.fileno())
         self._f.close()
-        os.replace(self._tmp, self.path)
+        self._file.commit()
 
     def abort(self) -> None:
         self._f.close()
-        self._tmp.unlink(missing_ok=True)
+        self._file.abort()
 
 
 def plan_shards(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_bytes: int) -> list[list[int]]:

@@ -6,11 +6,12 @@ Each tensor is drawn from a generator seeded by (seed, name): the same call writ
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
+
+from megatron_diffu.common.seeding import synthetic_tensor_seed
 
 from . import hf as H
 from .safetensors_io import INDEX_NAME, StreamingSafetensorsWriter, plan_shards, shard_file_names
@@ -34,15 +35,11 @@ PRESETS = {
 }
 
 
-def _seed(seed: int, name: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") % (2**63)
-
-
 def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int, std: float = 0.02,
                   fast: bool = False) -> torch.Tensor:
     """Normal(0, std) values (norm weights around 1). `fast`: draw at most 2**20 values and tile
     them (memory-speed fixtures for the multi-GB memory test and benchmark)."""
-    gen = torch.Generator().manual_seed(_seed(seed, name))
+    gen = torch.Generator().manual_seed(synthetic_tensor_seed(seed, name))
     numel = torch.Size(shape).numel()
     n = min(numel, 2**20) if fast else numel
     values = torch.randn(n, generator=gen)

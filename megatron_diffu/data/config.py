@@ -5,10 +5,11 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 from megatron_diffu.data.tokenizer import HF_TYPES, SP_TYPES
+from megatron_diffu.config import SectionConfig
 
 
 @dataclass
-class DataConfig:
+class DataConfig(SectionConfig):
     """Pretraining data.
 
     ``data_path``: Megatron blend syntax, either prefixes ``[A, B]`` (weights = their sizes) or
@@ -37,7 +38,7 @@ class DataConfig:
         """``(prefixes, weights or None)`` from ``data_path``; raises ValueError on a bad blend."""
         return parse_blend(self.data_path)
 
-    def validate(self) -> List[str]:
+    def problems(self) -> List[str]:
         errors: List[str] = []
         if not self.mock_data:
             if not self.data_path:

@@ -1,6 +1,6 @@
 """A thin, validating layer over megatron-core's indexed dataset (``PREFIX.bin`` + ``PREFIX.idx``).
 
-Format (ALGORITHMS.md sec. 6): ``.idx`` = magic ``MMIDIDX\\x00\\x00``, <Q version=1, <B dtype code,
+Format (docs/ALGORITHMS.md sec. 6): ``.idx`` = magic ``MMIDIDX\\x00\\x00``, <Q version=1, <B dtype code,
 <Q sequence count, <Q document count, int32 sequence lengths, int64 sequence byte pointers,
 int64 document indices; ``.bin`` = the raw token ids.  megatron-core's reader only asserts on a
 bad header and happily memory-maps a truncated file, so :func:`validate_indexed_dataset` checks

@@ -68,7 +68,7 @@ def collate_pretrain(samples: Sequence[Dict[str, object]], unmaskable_ids: Tuple
     """Stack samples into DESIGN.md's micro-batch dict.
 
     ``tokens`` [B, S] long (clean x0); ``sample_index`` [B] long (the noise key); ``maskable``
-    [B, S] bool = not an eod/bos special (ALGORITHMS.md sec. 2: never mask BOS/EOS specials);
+    [B, S] bool = not an eod/bos special (docs/ALGORITHMS.md sec. 2: never mask BOS/EOS specials);
     ``dataset_id`` [B] long (blend member, for per-source logging).
     """
     tokens = torch.from_numpy(np.stack([np.asarray(s["tokens"], dtype=np.int64) for s in samples]))

@@ -7,8 +7,8 @@ by megatron-core's ``IndexedDatasetBuilder``; the main process merges the partia
 (``IndexedDatasetBuilder.add_index``).  So ``--workers 2`` writes the same bytes as ``--workers 1``.
 
 Atomicity: everything is written under ``PREFIX.tmp-<pid>/`` and the finished ``.bin``/``.idx``
-are moved into place with ``os.replace`` (an existing ``.idx`` is removed first, so no moment
-pairs an old index with a new ``.bin``).  Ctrl-C, SIGTERM or an error remove the temporary
+are moved into place with ``common.atomic.AtomicFiles`` (an existing ``.idx`` is removed first
+and the new one moved last, so no moment pairs an old index with a new ``.bin``).  Ctrl-C, SIGTERM or an error remove the temporary
 directory and leave no ``.bin``/``.idx`` a later run could load.
 
 Bad input (malformed JSON line, missing key, non-string value, non-UTF-8 bytes, empty document,
@@ -33,6 +33,8 @@ from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tu
 
 import numpy as np
 
+from megatron_diffu.common.atomic import AtomicFiles
+from megatron_diffu.common.progress import Progress
 from megatron_diffu.data.tokenizer import Tokenizer, build_tokenizer
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -357,27 +359,12 @@ def _raise_terminated(signum, frame) -> None:  # noqa: ARG001
     raise _Terminated()
 
 
-class _Progress:
-    def __init__(self, total_bytes: int, interval: float, stream=sys.stderr) -> None:
-        self.total, self.interval, self.stream = total_bytes, interval, stream
-        self.t0 = self.last = time.monotonic()
-        self.docs = self.tokens = self.nbytes = self.done_bytes = 0
-
-    def update(self, res: ChunkResult, chunk_bytes: int, final: bool = False) -> None:
-        self.docs += res.documents
-        self.tokens += res.tokens
-        self.nbytes += res.nbytes
-        self.done_bytes += chunk_bytes
-        now = time.monotonic()
-        if self.interval <= 0 or (now - self.last < self.interval and not final):
-            return
-        self.last = now
-        dt = max(now - self.t0, 1e-9)
-        rate = self.done_bytes / dt
-        eta = (self.total - self.done_bytes) / rate if rate > 0 else float("inf")
-        print(f"[preprocess] {self.docs} docs ({self.docs / dt:,.0f} docs/s) | {self.tokens:,} tokens "
-              f"({self.tokens / dt:,.0f} tokens/s) | {self.done_bytes / 1e6:.1f}/{self.total / 1e6:.1f} MB "
-              f"({rate / 1e6:.2f} MB/s) | ETA {eta:.0f}s", file=self.stream, flush=True)
+def progress_reporter(total_bytes: int, interval: float, label: str = "[preprocess]", stream=None) -> Progress:
+    """The tokenizers' progress line (`common.progress.Progress`): input MB read, docs, tokens, ETA;
+    every `interval` seconds (0: none) and once at the end."""
+    out = sys.stderr if stream is None else stream
+    return Progress(total_bytes, label, unit="MB", scale=2**20, decimals=1, every_s=interval, enabled=interval > 0,
+                    counters=("docs", "tokens"), log=lambda line: print(line, file=out, flush=True))
 
 
 def output_prefixes(cfg: PreprocessConfig) -> Dict[str, str]:
@@ -419,7 +406,8 @@ def run_preprocess(cfg: PreprocessConfig) -> Summary:
     try:
         tok = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model)
         builders = _open_final_builders(finals, tmpdir, tok)
-        progress = _Progress(sum(sizes.values()), cfg.log_interval)
+        progress = progress_reporter(sum(sizes.values()), cfg.log_interval)
+        nbytes = 0
         skipped: List[Tuple[str, str]] = []
         if cfg.workers == 1:
             results = (process_chunk(c, cfg, tok, tmpdir) for c in chunks)
@@ -429,13 +417,14 @@ def run_preprocess(cfg: PreprocessConfig) -> Summary:
         for res in results:
             _merge(builders, res)
             skipped.extend(res.skipped)
-            progress.update(res, sizes[res.index], final=res.index == len(chunks) - 1)
+            nbytes += res.nbytes
+            progress.update(sizes[res.index], force=res.index == len(chunks) - 1, docs=res.documents, tokens=res.tokens)
         if pool is not None:
             pool.shutdown(wait=True)
             pool = None
         _finalize(builders, finals, tmpdir)
-        return Summary(finals, progress.docs, progress.tokens, progress.nbytes, time.monotonic() - t0, skipped,
-                       progress.t0 - t0)
+        return Summary(finals, progress.counts["docs"], progress.counts["tokens"], nbytes, time.monotonic() - t0,
+                       skipped, progress.start - t0)
     finally:
         if pool is not None:
             _kill_pool(pool)
@@ -536,10 +525,8 @@ def _finalize(builders, finals: Dict[str, str], tmpdir: str) -> None:
     blocked = {signal.SIGINT, signal.SIGTERM}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     try:
-        for key, prefix in finals.items():
-            if os.path.exists(prefix + ".idx"):
-                os.remove(prefix + ".idx")  # never pair an old .idx with the new .bin
-            os.replace(os.path.join(tmpdir, f"final_{key}.bin"), prefix + ".bin")
-            os.replace(os.path.join(tmpdir, f"final_{key}.idx"), prefix + ".idx")
+        for key, prefix in finals.items():  # the old .idx goes first: never paired with the new .bin
+            AtomicFiles([prefix + ".bin", prefix + ".idx"], indexes=[prefix + ".idx"],
+                        temps=[os.path.join(tmpdir, f"final_{key}.bin"), os.path.join(tmpdir, f"final_{key}.idx")]).commit()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)

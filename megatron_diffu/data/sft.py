@@ -1,6 +1,6 @@
 """Instruction-tuning data: conversations -> ChatML tokens + response mask -> padded/packed batches.
 
-ALGORITHMS.md sec. 3. Pipeline:
+docs/ALGORITHMS.md sec. 3. Pipeline:
 
 1. `parse_record` normalises one JSONL record (`messages` with system/user/assistant roles, or
    `prompt`/`response` [+ `system`]) and `tokenize_conversation` turns it into Qwen ChatML ids
@@ -40,7 +40,9 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from megatron_diffu.common.atomic import AtomicFiles
 from megatron_diffu.data.preprocess import InputError, _open_maybe_gz
+from megatron_diffu.config import SectionConfig
 
 # Purposes of the data-side random streams (numpy SeedSequence entropy: (seed, key, purpose)).
 _PACK_ORDER, _EPOCH_SHUFFLE, _VALID_SPLIT, _TAIL_CUT = 1, 2, 3, 4
@@ -143,20 +145,22 @@ def sft_paths(prefix: str) -> tuple[str, str]:
 
 
 class SFTWriter:
-    """Writes the two indexed datasets to temporary names; `commit()` renames them into place.
+    """Writes the two indexed datasets to temporary names; `commit()` moves them into place.
 
-    Atomic per file (os.replace): an interrupted run leaves no half-written PREFIX_sft_* files.
+    `common.atomic.AtomicFiles`: an interrupted run leaves no half-written PREFIX_sft_* files, and
+    the old `.idx` files are removed before the new `.bin` files arrive (the indexes move last), so
+    no moment pairs an old index with new data.
     """
 
     def __init__(self, prefix: str) -> None:
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
         self.final = sft_paths(prefix)
-        tag = f".tmp-{os.getpid()}"
-        self.tmp = tuple(p + tag for p in self.final)
+        bins, idxs = [p + ".bin" for p in self.final], [p + ".idx" for p in self.final]
+        self.files = AtomicFiles(bins + idxs, indexes=idxs)
         os.makedirs(os.path.dirname(os.path.abspath(prefix)) or ".", exist_ok=True)
-        self.tok = IndexedDatasetBuilder(self.tmp[0] + ".bin", dtype=np.int32)
-        self.msk = IndexedDatasetBuilder(self.tmp[1] + ".bin", dtype=np.uint8)
+        self.tok = IndexedDatasetBuilder(str(self.files.temps[0]), dtype=np.int32)
+        self.msk = IndexedDatasetBuilder(str(self.files.temps[1]), dtype=np.uint8)
         self.count = 0
         self.tokens = 0
 
@@ -169,18 +173,14 @@ class SFTWriter:
         self.tokens += len(ids)
 
     def commit(self) -> None:
-        for tmp, builder in zip(self.tmp, (self.tok, self.msk)):
-            builder.finalize(tmp + ".idx")
-        for tmp, final in zip(self.tmp, self.final):
-            for ext in (".bin", ".idx"):
-                os.replace(tmp + ext, final + ext)
+        for tmp_idx, builder in zip(self.files.temps[2:], (self.tok, self.msk)):
+            builder.finalize(str(tmp_idx))
+        self.files.commit()
 
     def abort(self) -> None:
-        for tmp, builder in zip(self.tmp, (self.tok, self.msk)):
+        for builder in (self.tok, self.msk):
             builder.data_file.close()
-            for ext in (".bin", ".idx"):
-                if os.path.exists(tmp + ext):
-                    os.remove(tmp + ext)
+        self.files.abort()
 
 
 class SFTConversations:
@@ -227,7 +227,7 @@ class ConcatConversations:
 
 # ------------------------------------------------------------------------------------- config
 @dataclass
-class SFTDataConfig:
+class SFTDataConfig(SectionConfig):
     """The `sft:` section: how conversations become micro-batches and how the loss is normalised.
 
     Field names are unique over the whole run config (flags are flat), hence the `sft_` prefix.
@@ -244,7 +244,7 @@ class SFTDataConfig:
     sft_eval_humaneval_problems: int = 0  # 0 = all 164
     sft_eval_max_new_tokens: int = 256
 
-    def validate(self) -> list[str]:
+    def problems(self) -> list[str]:
         e = []
         if any(b <= 0 for b in self.sft_length_buckets) or list(self.sft_length_buckets) != sorted(self.sft_length_buckets):
             e.append(f"sft.sft_length_buckets={self.sft_length_buckets} must be increasing positive lengths")

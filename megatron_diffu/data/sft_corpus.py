@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import os
 import sysconfig
 import textwrap
 from typing import Iterator, Optional
+
+from megatron_diffu.common.atomic import atomic_write_jsonl
 
 # Pure-Python modules with many small documented functions (stable across 3.10-3.13).
 MODULES = (
@@ -87,13 +88,9 @@ def build_corpus(num: int = 400, stdlib: Optional[str] = None) -> list[dict]:
 
 
 def write_jsonl(records: list[dict], path: str) -> None:
-    """Atomic write (temp file + os.replace)."""
+    """Atomic write (`common.atomic.atomic_write_jsonl`)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    atomic_write_jsonl(path, records)
 
 
 def main(argv=None) -> None:

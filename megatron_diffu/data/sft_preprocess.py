@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
-from megatron_diffu.data.preprocess import JSONL_SUFFIXES, _Progress, discover_inputs
+from megatron_diffu.data.preprocess import JSONL_SUFFIXES, discover_inputs, progress_reporter
 from megatron_diffu.data.sft import BadRecord, SFTWriter, iter_jsonl, load_json_line, parse_record, tokenize_conversation
 
 _TOK = None  # the tokenizer of this (worker) process
@@ -31,18 +31,12 @@ class PreprocessStats:
     skipped: int = 0
 
 
-@dataclass
-class _Step:  # what `_Progress.update` reads
-    documents: int
-    tokens: int
-    nbytes: int
-
-
-def _init_worker(tokenizer_type: str, tokenizer_model: Optional[str]) -> None:
+def _init_worker(tokenizer_type: str, tokenizer_model: Optional[str], pool_worker: bool = True) -> None:
     global _TOK
-    import torch
+    if pool_worker:  # a pool process of its own; in-process (workers=1) the caller's thread count stays
+        import torch
 
-    torch.set_num_threads(1)
+        torch.set_num_threads(1)
     from megatron_diffu.data.tokenizer import build_tokenizer
 
     _TOK = build_tokenizer(tokenizer_type, tokenizer_model)
@@ -77,13 +71,13 @@ def preprocess_sft(inputs: Sequence[str], output_prefix: str, tokenizer_type: st
     import os
 
     files = discover_inputs(inputs, extensions=[s + e for s in JSONL_SUFFIXES for e in ("", ".gz")])
-    progress = _Progress(sum(os.path.getsize(p) for p in files) or 1, log_interval_s, stream)
+    progress = progress_reporter(sum(os.path.getsize(p) for p in files) or 1, log_interval_s, "[preprocess_sft]", stream)
     stats = PreprocessStats()
     writer = SFTWriter(output_prefix)
     pool = mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_type, tokenizer_model)) if workers > 1 else None
     try:
         if pool is None:
-            _init_worker(tokenizer_type, tokenizer_model)
+            _init_worker(tokenizer_type, tokenizer_model, pool_worker=False)
             results = map(_encode, _lines(files))
         else:  # imap keeps the input order, so the output does not depend on --workers
             results = pool.imap(_encode, _lines(files), chunksize=32)
@@ -94,13 +88,13 @@ def preprocess_sft(inputs: Sequence[str], output_prefix: str, tokenizer_type: st
                 stats.skipped += 1
                 if stats.skipped <= 5:
                     print(f"[preprocess_sft] skipping {error}", file=stream)
-                progress.update(_Step(0, 0, nbytes), nbytes)
+                progress.update(nbytes)
                 continue
             writer.add(ids, mask)
             stats.documents += 1
             stats.tokens += len(ids)
             stats.response_tokens += int(sum(mask))
-            progress.update(_Step(1, len(ids), nbytes), nbytes)
+            progress.update(nbytes, docs=1, tokens=len(ids))
         if stats.documents == 0:
             raise BadRecord(f"no usable conversation in {list(files)} ({stats.skipped} skipped)")
         writer.commit()
@@ -110,7 +104,7 @@ def preprocess_sft(inputs: Sequence[str], output_prefix: str, tokenizer_type: st
     finally:
         if pool is not None:
             pool.terminate()
-    progress.update(_Step(0, 0, 0), 0, final=True)
+    progress.finish()
     print(f"[preprocess_sft] wrote {stats.documents} conversations, {stats.tokens} tokens "
           f"({stats.response_tokens} response), skipped {stats.skipped} -> {output_prefix}_sft_*", file=stream)
     return stats

@@ -1,6 +1,6 @@
 """Tokenizers: one interface, two backends (Hugging Face `tokenizer.json`, SentencePiece).
 
-Special tokens the diffusion model needs (ALGORITHMS.md sec. 1, 3, 6):
+Special tokens the diffusion model needs (docs/ALGORITHMS.md sec. 1, 3, 6):
 
 * ``eod_id``   end of document appended by ``tools/preprocess_data.py --append-eod``
   (``<|endoftext|>`` = 151643 for Qwen; Megatron-LM appends the tokenizer's eos, not ``<|im_end|>``).

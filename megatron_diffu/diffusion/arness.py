@@ -24,10 +24,11 @@ paper states for AR models):
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Optional, Sequence
 
 import torch
+
+from megatron_diffu.common.atomic import atomic_path
 
 
 def decoding_order(reveal_step: Sequence[int] | torch.Tensor) -> list[int]:
@@ -144,13 +145,9 @@ def order_heatmap_png(path: str, reveal_step: Sequence[int], tokens: Optional[Se
     fig.tight_layout()
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=directory)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")  # the temporary name has no .png suffix
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

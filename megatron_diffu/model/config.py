@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 import torch
 
+from megatron_diffu.config import SectionConfig
+
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 ATTENTION_BACKENDS = ("auto", "sdpa", "te")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
@@ -24,7 +26,7 @@ FP8_FORMATS = (None, "hybrid", "e4m3")
 
 
 @dataclass
-class TransformerConfig:
+class TransformerConfig(SectionConfig):
     """Qwen2.5-style bidirectional transformer (Dream / DiffuCoder architecture)."""
 
     num_layers: int = 2
@@ -43,7 +45,7 @@ class TransformerConfig:
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     bf16: bool = False  # parameters and compute in bfloat16 (fp32 master weights live in the optimizer)
-    logit_shift: bool = True  # logits at i-1 predict token i (AR-init convention, ALGORITHMS.md sec. 1)
+    logit_shift: bool = True  # logits at i-1 predict token i (AR-init convention, docs/ALGORITHMS.md sec. 1)
     transformer_impl: str = "local"
     attention_backend: str = "auto"
     recompute_granularity: Optional[str] = None
@@ -84,12 +86,9 @@ class TransformerConfig:
         return dataclasses.asdict(self)
 
     # ------------------------------------------------------------------ validation
-    def validate(self, tp_size: int = 1, pp_size: int = 1) -> "TransformerConfig":
-        """Raise ValueError naming the field and the fix if the shape is invalid or unsplittable."""
-        errors = self._shape_errors() + self._option_errors() + self._split_errors(tp_size, pp_size)
-        if errors:
-            raise ValueError("invalid model config:\n  - " + "\n  - ".join(errors))
-        return self
+    def problems(self, tp_size: int = 1, pp_size: int = 1) -> list[str]:
+        """Every shape/option problem, and whether the model splits over TP x PP (naming the fix)."""
+        return self._shape_errors() + self._option_errors() + self._split_errors(tp_size, pp_size)
 
     def _shape_errors(self) -> list[str]:
         e = []
@@ -175,8 +174,23 @@ class TransformerConfig:
         fwd = self.num_layers * per_layer + 2 * self.vocab_size * h
         return float(fwd * (3 if training else 1))
 
+    def head_flops_per_row(self) -> float:
+        """Forward matmul FLOPs of the output layer for one logit row (2 * V * H)."""
+        return 2.0 * self.vocab_size * self.hidden_size
 
-PRESETS: dict[str, dict[str, Any]] = {
+    def body_flops_per_token(self, seq_length: int) -> float:
+        """Forward matmul FLOPs of everything but the output layer, per token of a length-S sequence."""
+        return self.flops_per_token(seq_length, training=False) - self.head_flops_per_row()
+
+    def step_flops(self, body_tokens: float, head_rows: float, seq_length: int, passes: float = 3.0) -> float:
+        """Matmul FLOPs of `body_tokens` tokens through the layers (sequences of `seq_length`) and
+        `head_rows` logit rows through the output layer, times `passes` (3 = forward + backward,
+        1 = forward only). The one FLOP count every stage's MFU uses (docs/ALGORITHMS.md sec. 8):
+        the diffusion head computes logits only at the rows a loss or a sampler needs."""
+        return passes * (self.body_flops_per_token(seq_length) * body_tokens + self.head_flops_per_row() * head_rows)
+
+
+PRESETS: dict[str, dict[str, Any]] = {  # also TransformerConfig.PRESETS (`--model-preset NAME`)
     # unit tests: everything small but every feature exercised (GQA, qkv bias, untied head)
     "tiny": dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                  num_query_groups=2, vocab_size=256, max_position_embeddings=1024),
@@ -195,3 +209,5 @@ PRESETS: dict[str, dict[str, Any]] = {
                           num_query_groups=4, vocab_size=152064, max_position_embeddings=32768,
                           untie_embeddings_and_output_weights=True, bf16=True),
 }
+
+TransformerConfig.PRESETS = PRESETS

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import zlib
 from typing import Optional, Sequence
 
 import torch
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..common.seeding import parameter_seed
 from ..parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                copy_to_tensor_parallel_region, gather_from_sequence_parallel_region)
 from ..parallel.state import ProcessGrid, group_rank, group_size
@@ -143,10 +143,6 @@ def pipeline_layer_split(cfg: TransformerConfig, pp_size: int, pp_rank: int,
     return list(range(start, start + split[pp_rank]))
 
 
-def _seed_for(seed: int, name: str) -> int:
-    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63 - 1)
-
-
 # ---------------------------------------------------------------------- blocks
 class SelfAttention(nn.Module):
     def __init__(self, cfg: TransformerConfig, tp_group, sequence_parallel: bool, device=None):
@@ -240,7 +236,7 @@ class DiffusionTransformer(nn.Module):
         self.grid = grid or ProcessGrid.single()
         self.tp_group = self.grid.tp_group
         self.tp_size, self.tp_rank = group_size(self.tp_group), group_rank(self.tp_group)
-        cfg.validate(self.tp_size, self.grid.pp_size)
+        cfg.validate(tp_size=self.tp_size, pp_size=self.grid.pp_size)
         self.cfg, self.pre_process, self.post_process = cfg, pre_process, post_process
         self.sequence_parallel = bool(sequence_parallel) and self.tp_size > 1
         self.layer_ids = list(range(cfg.num_layers) if layer_ids is None else layer_ids)
@@ -309,7 +305,7 @@ class DiffusionTransformer(nn.Module):
             if std is None:
                 full = torch.ones(shape) if name.endswith("layernorm.weight") else torch.zeros(shape)
             else:
-                gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, name))
+                gen = torch.Generator().manual_seed(parameter_seed(self.cfg.seed, name))
                 full = torch.empty(shape).normal_(0.0, std, generator=gen)
             t.copy_(self._local_slice(full, dim))
 

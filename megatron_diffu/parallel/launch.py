@@ -41,8 +41,16 @@ import torch.distributed as dist
 
 BACKEND_ENV = "MDIFFU_DIST_BACKEND"
 
-__all__ = ["init_distributed", "resolve_launch_env", "expand_nodelist", "default_port", "LaunchEnv",
+__all__ = ["init_distributed", "resolve_launch_env", "expand_nodelist", "default_port", "free_port", "LaunchEnv",
            "choose_backend"]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it): the rendezvous port of a
+    single-process group, and of `megatron_diffu.testing.run_distributed`'s ranks."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -205,7 +213,6 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0,
         return 0, 1, 0
     port = launch.master_port
     if launch.launcher == "single":
-        from ..testing import free_port
         port = free_port()
     # export what env:// and downstream libraries expect, whatever the launcher
     os.environ.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(launch.local_rank),

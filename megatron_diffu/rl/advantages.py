@@ -1,4 +1,4 @@
-"""Group-relative advantages for GRPO (ALGORITHMS.md sec. 5).
+"""Group-relative advantages for GRPO (docs/ALGORITHMS.md sec. 5).
 
 Rewards arrive flat, `[num_prompts * group_size]`, with the G rollouts of one prompt contiguous
 (prompt-major order, the order the rollout stage produces them in). Every function here is a pure

@@ -1,4 +1,4 @@
-"""Per-token log-probability estimators of a masked-diffusion policy (ALGORITHMS.md sec. 5).
+"""Per-token log-probability estimators of a masked-diffusion policy (docs/ALGORITHMS.md sec. 5).
 
 A diffusion LM has no exact per-token likelihood; GRPO needs one for the ratio and the KL. The
 coupled estimator of DiffuCoder (released code: `DiffuGRPOTrainer.forward_process` +

@@ -1,4 +1,4 @@
-"""The GRPO policy loss: token-level clipped ratio + beta * k3 KL (ALGORITHMS.md sec. 5).
+"""The GRPO policy loss: token-level clipped ratio + beta * k3 KL (docs/ALGORITHMS.md sec. 5).
 
     rho_n  = exp(logp_n - logp_old_n)
     loss_n = -min(rho_n A, clip(rho_n, 1 - eps_low, 1 + eps_high) A) + beta * KL_n

@@ -1,4 +1,4 @@
-"""Code-execution rewards for coupled-GRPO (ALGORITHMS.md sec. 5) and a pluggable registry.
+"""Code-execution rewards for coupled-GRPO (docs/ALGORITHMS.md sec. 5) and a pluggable registry.
 
     r = 2.0 * pass_rate + 0.5 * format          (weights configurable)
 
@@ -13,8 +13,10 @@
   5 s timeout, all cases of all completions spread over `n_workers` parallel workers. It is
   computed only when format == 1 (0 otherwise, and nothing is executed).
 
-Problems are `megatron_diffu.eval.humaneval.Problem`s or dicts in the same JSONL format
-(task_id, prompt, tests: list of asserts and/or test: program, entry_point).
+The format rule is `megatron_diffu.execution.protocol.single_python_block`, the programs
+`megatron_diffu.execution.problems.test_case_programs`. Problems are
+`megatron_diffu.execution.problems.Problem`s or dicts in the same JSONL format (task_id, prompt,
+tests: list of asserts and/or test: program, entry_point).
 
 Registry: a reward function is `fn(completions: list[str], problems: list[Problem|dict]) ->
 list[float]`; register one with `@register_reward("name")`; `compute_rewards(completions,
@@ -24,17 +26,17 @@ from __future__ import annotations
 
 import ast
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence, Union
 
-from megatron_diffu.eval.humaneval import Problem, problem_from_record, test_case_programs
-from megatron_diffu.rl.sandbox import run_python, sandbox_mode
+from megatron_diffu.execution import sandbox as _sandbox
+from megatron_diffu.execution.problems import Problem, as_problem, judge, judged_case_programs
+from megatron_diffu.execution.protocol import single_python_block
+from megatron_diffu.execution.sandbox import run_many
 
 RewardFn = Callable[[Sequence[str], Sequence[Union[Problem, dict]]], list]
 REWARD_FUNCTIONS: dict[str, RewardFn] = {}
 DEFAULT_WEIGHTS = {"pass_rate": 2.0, "format": 0.5}
-FENCE = "```"
 
 
 @dataclass
@@ -47,14 +49,19 @@ class ExecConfig:
     n_workers: int = 2
     memory_mb: int = 1024
     no_site: bool = False
+    allow_basic_sandbox: bool = False  # run without the jail if it cannot be built (see docs/SANDBOX.md)
 
 
 EXEC = ExecConfig()  # module default, overridable with configure_execution()
 
 
 def configure_execution(timeout_s: Optional[float] = None, n_workers: Optional[int] = None,
-                        memory_mb: Optional[int] = None, no_site: Optional[bool] = None) -> ExecConfig:
+                        memory_mb: Optional[int] = None, no_site: Optional[bool] = None,
+                        allow_basic_sandbox: Optional[bool] = None) -> ExecConfig:
     """Change how the registered pass-rate reward executes tests (e.g. from the GRPO config)."""
+    if allow_basic_sandbox is not None:
+        EXEC.allow_basic_sandbox = allow_basic_sandbox
+        _sandbox.set_allow_basic(allow_basic_sandbox)
     if no_site is not None:
         EXEC.no_site = no_site
     if timeout_s is not None:
@@ -81,23 +88,9 @@ def get_reward_fn(name: str) -> RewardFn:
     return REWARD_FUNCTIONS[name]
 
 
-def _as_problem(p: Union[Problem, dict], i: int) -> Problem:
-    return p if isinstance(p, Problem) else problem_from_record(p, f"problems[{i}]")
-
-
-def extract_code(completion: str) -> Optional[str]:
-    """The body of the single ```python block, or None if there is not exactly one such block."""
-    parts = completion.split(FENCE)
-    if len(parts) != 3:
-        return None
-    header, nl, body = parts[1].partition("\n")
-    if not nl or header.strip().lower() != "python":
-        return None
-    return body
-
-
 def format_score(completion: str) -> float:
-    code = extract_code(completion)
+    """1 if the completion's single ```python block parses, 0.5 if it does not, 0 without one."""
+    code = single_python_block(completion)
     if code is None:
         return 0.0
     try:
@@ -118,21 +111,23 @@ def pass_rates(completions: Sequence[str], problems: Sequence[Union[Problem, dic
     if len(completions) != len(problems):
         raise ValueError(f"{len(completions)} completions for {len(problems)} problems (need one problem each)")
     cfg = exec_cfg or EXEC
-    jobs: list[tuple[int, str]] = []  # (completion index, program)
+    jobs: list[tuple[int, str, object]] = []  # (completion index, program, decomposed cases or None)
     n_cases = [0] * len(completions)
     for i, (comp, prob) in enumerate(zip(completions, problems)):
         if format_score(comp) != 1.0:
             continue
-        programs = test_case_programs(_as_problem(prob, i), extract_code(comp))
+        programs = judged_case_programs(as_problem(prob, f"problems[{i}]"), single_python_block(comp))
         n_cases[i] = len(programs)
-        jobs += [(i, p) for p in programs]
+        jobs += [(i, p, cases) for p, cases in programs]
     passed = [0] * len(completions)
-    if jobs:
-        sandbox_mode()  # probe once before the workers start
-        with ThreadPoolExecutor(max_workers=cfg.n_workers) as pool:
-            results = pool.map(lambda j: run_python(j[1], cfg.timeout_s, cfg.memory_mb, no_site=cfg.no_site), jobs)
-            for (i, _), res in zip(jobs, results):
-                passed[i] += res.passed
+    if jobs:  # every case of every completion, spread over the workers (results in job order)
+        if cfg.allow_basic_sandbox:
+            _sandbox.set_allow_basic(True)
+        results = run_many([p for _, p, _ in jobs], max_workers=cfg.n_workers, timeout_s=cfg.timeout_s,
+                           memory_mb=cfg.memory_mb, no_site=cfg.no_site)
+        for (i, _, cases), res in zip(jobs, results):
+            # decomposed cases: the program only reported outputs; the verdict is decided here
+            passed[i] += res.passed and (cases is None or judge(cases, res.stdout)[0])
     return [passed[i] / n_cases[i] if n_cases[i] else 0.0 for i in range(len(completions))]
 
 

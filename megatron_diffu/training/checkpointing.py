@@ -11,6 +11,8 @@ DCP keys:
   pipeline stage are deduplicated by DCP's planner.
 - `optimizer.{exp_avg,exp_avg_sq,fp32_param}.<global name>`: Adam state / fp32 master, sharded
   like the parameter (ZeRO-1 shards are gathered over DP for the save, so any layout can load).
+- `<name>.<global name>`: the stage's extra model states (`Stage.checkpoint_states`, e.g. GRPO's
+  `reference.*` policy), sharded and resharded exactly like `model.*`.
 - `train_state`: iteration, consumed samples (the data position), optimizer step count, LR
   schedule, world size / layout, the stage's own state (`Stage.state_dict()`).
 - `rng.<global rank>`: torch/cuda/numpy/python RNG states of each rank (restored only when the
@@ -45,6 +47,7 @@ import yaml
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from megatron_diffu.common.atomic import atomic_write_text, fsync_path
 from megatron_diffu.parallel.state import ProcessGrid, group_size
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -203,8 +206,11 @@ def _save_pause_hook(iteration: int) -> None:
 
 def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, grid: ProcessGrid,
                     run_config, train_state: dict, keep_last: Optional[int] = None,
-                    save_optim: bool = True) -> Path:
-    """Collective: every rank calls it. Returns the final iteration directory."""
+                    save_optim: bool = True, states: Optional[dict[str, Any]] = None) -> Path:
+    """Collective: every rank calls it. Returns the final iteration directory.
+
+    `states`: extra model states saved like the model, {name: object with sharded_state_dict()}
+    under DCP keys `<name>.<global name>` (GRPO's reference policy: `reference.*`)."""
     save_dir = Path(save_dir)
     t0 = time.time()
     rank = _rank()
@@ -222,6 +228,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, grid
     dims = _shard_dims(model)
     for name, (local, dim) in model.sharded_state_dict().items():
         state[MODEL_PREFIX + name] = _wrap(local, dim, grid)
+    state.update(_extra_state_tensors(states, grid))
     if save_optim and optimizer is not None:
         for kind, tensors in optimizer.state_tensors().items():
             for name, t in tensors.items():
@@ -240,9 +247,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, grid
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(save_dir)
-        tracker_tmp = save_dir / f"{TRACKER_FILE}.tmp-{os.getpid()}"
-        tracker_tmp.write_text(f"{iteration}\n")
-        os.replace(tracker_tmp, save_dir / TRACKER_FILE)
+        atomic_write_text(save_dir / TRACKER_FILE, f"{iteration}\n", fsync=True)
         _fsync_dir(save_dir)
         _prune(save_dir, keep_last, keep=final)
         print(f"[checkpoint] saved iteration {iteration} to {final} in {time.time() - t0:.2f}s", flush=True)
@@ -251,12 +256,9 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, grid
 
 
 def _fsync_dir(path: Path) -> None:
+    """Best effort: some filesystems refuse fsync on a directory; the rename is atomic regardless."""
     try:
-        fd = os.open(str(path), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(path)
     except OSError:
         pass
 
@@ -272,12 +274,18 @@ def _prune(save_dir: Path, keep_last: Optional[int], keep: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _extra_state_tensors(states: Optional[dict[str, Any]], grid: ProcessGrid) -> dict[str, Any]:
+    return {f"{key}.{name}": _wrap(local, dim, grid)
+            for key, obj in (states or {}).items() for name, (local, dim) in obj.sharded_state_dict().items()}
+
+
 # ------------------------------------------------------------------------------ load
 def load_checkpoint(load_dir: str | Path, model, optimizer, grid: ProcessGrid, model_cfg, *,
                     finetune: bool = False, load_optim: bool = True, load_rng: bool = True,
-                    verbose: bool = True) -> Optional[dict]:
-    """Load into `model` (and `optimizer`) in place. Returns the saved train_state (None with
-    `finetune`: weights only). Collective."""
+                    verbose: bool = True, states: Optional[dict[str, Any]] = None) -> Optional[dict]:
+    """Load into `model` (and `optimizer`, and the extra `states` that the checkpoint holds) in
+    place. Returns the saved train_state, with `restored_states` = the names of the extra states
+    found and loaded (None with `finetune`: model weights only). Collective."""
     ckpt = resolve_checkpoint_dir(load_dir)
     check_model_shapes(ckpt, model_cfg)
     saved = checkpoint_tensor_shapes(ckpt)
@@ -300,7 +308,11 @@ def load_checkpoint(load_dir: str | Path, model, optimizer, grid: ProcessGrid, m
                 t = torch.empty(p.shape, dtype=torch.float32, device=p.device)
                 opt_targets[kind][n] = t
                 state[f"optimizer.{kind}.{n}"] = _wrap(t, dims[n], grid)
+    restored = []
     if not finetune:
+        for key, tensors in _extra_states_present(states, md_keys, grid).items():
+            state.update(tensors)
+            restored.append(key)
         state["train_state"] = b""
         if load_rng and f"rng.{_rank()}" in md_keys:
             state[f"rng.{_rank()}"] = b""
@@ -316,13 +328,23 @@ def load_checkpoint(load_dir: str | Path, model, optimizer, grid: ProcessGrid, m
         if verbose and _rank() == 0:
             print(f"[checkpoint] finetune: loaded model weights from {ckpt}", flush=True)
         return None
-    train_state = pickle.loads(state["train_state"])
+    train_state = dict(pickle.loads(state["train_state"]), restored_states=restored)
     rng_key = f"rng.{_rank()}"
     if load_rng and rng_key in state and train_state.get("world_size") == grid.world_size:
         set_rng_state(pickle.loads(state[rng_key]))
     if _rank() == 0:
         print(f"[checkpoint] resumed from {ckpt} at iteration {train_state.get('iteration')}", flush=True)
     return train_state
+
+
+def _extra_states_present(states: Optional[dict[str, Any]], md_keys: set, grid: ProcessGrid) -> dict[str, dict]:
+    """{name: its DCP targets} for each extra state whose every tensor the checkpoint holds."""
+    out = {}
+    for key, obj in (states or {}).items():
+        tensors = _extra_state_tensors({key: obj}, grid)
+        if tensors and all(k in md_keys for k in tensors):
+            out[key] = tensors
+    return out
 
 
 def load_inference_model(path: str | Path, grid: Optional[ProcessGrid] = None, device=None,
@@ -333,8 +355,8 @@ def load_inference_model(path: str | Path, grid: Optional[ProcessGrid] = None, d
     all layers) with this rank's pipeline stage and TP shard, loaded (collective when `grid` has
     groups), set to eval mode. `dtype` overrides the saved `bf16` setting.
     """
+    from megatron_diffu.model.builder import build_model_shard
     from megatron_diffu.model.config import TransformerConfig
-    from megatron_diffu.model.transformer import DiffusionTransformer, pipeline_layer_split
 
     grid = grid or ProcessGrid.single()
     ckpt = resolve_checkpoint_dir(path)
@@ -345,10 +367,7 @@ def load_inference_model(path: str | Path, grid: Optional[ProcessGrid] = None, d
     cfg = TransformerConfig(**{k: v for k, v in section.items() if k in known})
     if dtype is not None:
         cfg.bf16 = dtype == torch.bfloat16
-    layer_ids = pipeline_layer_split(cfg, grid.pp_size, grid.pp_rank)
-    model = DiffusionTransformer(cfg, grid=grid, pre_process=grid.is_first_stage, post_process=grid.is_last_stage,
-                                 layer_ids=layer_ids, sequence_parallel=sequence_parallel, device=device,
-                                 init_weights=False)
+    model = build_model_shard(cfg, grid, sequence_parallel=sequence_parallel, device=device, init_weights=False)
     load_checkpoint(ckpt, model, None, grid, cfg, finetune=True, verbose=False)
     model.eval()
     return model, cfg

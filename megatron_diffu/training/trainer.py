@@ -1,45 +1,45 @@
-"""The one training loop. Stages (pretrain, SFT, GRPO) plug in through the `Stage` interface.
+"""The one training loop. Stages (stages/: diffusion pretraining and SFT, coupled-GRPO) plug in
+through the `Stage` interface; this module knows nothing of any stage.
 
-    grid = build_grid(cfg)                       # after init_distributed()
-    trainer = Trainer(cfg, PretrainStage(), grid)
-    trainer.train()                              # -> exit code (0, or EXIT_CODE_SIGNAL after a signal save)
+    grid = build_grid(cfg)                         # after init_distributed()
+    trainer = Trainer(cfg, stage, grid)
+    trainer.train()                                # -> exit code (0, or EXIT_CODE_SIGNAL after a signal save)
 
 One global step (`Trainer.train_step`):
-1. `stage.train_micro_batches(trainer)`: this DP rank's `num_micro_batches` micro-batches (dicts of
-   tensors; every pipeline stage gets the same list). GRPO runs its rollouts here.
+1. `stage.step_inputs(trainer) -> StepInputs`: this DP rank's `num_micro_batches` micro-batches
+   (dicts of tensors; every pipeline stage gets the same list) and `info`, what the stage learnt
+   making them (GRPO: rollout statistics and timings).
 2. `megatron_diffu.parallel.pipeline.forward_backward(stage.forward_step, model, micro_batches, grid)`:
    1F1B over the pipeline (or plain accumulation). `stage.forward_step(model, batch, input_tensor)
    -> (output, loss_fn)`, `loss_fn(output) -> (loss_for_backward, report)`.
    **Normalisation contract**: gradients are SUMMED over micro-batches and data-parallel ranks,
-   so a stage's loss_for_backward must already be divided by its *global-batch* normaliser
-   (pretraining: global tokens = global_batch_size * seq_length; `trainer.global_batch_size`).
+   so a stage's loss_for_backward must already be divided by its *global-batch* normaliser.
    `report` is a dict of scalars that are *sums* (e.g. loss_sum, num_tokens): the trainer adds
-   them over micro-batches and DP ranks and `stage.metrics(totals)` turns them into log values,
-   which must include "loss".
-3. Gradients: fp32 accumulation, SP/tied-embedding/DP reductions, global norm (TP/PP-aware), clip,
+   them over micro-batches and DP ranks.
+3. `stage.step_report(trainer, inputs, totals) -> StepReport(metrics, tokens, flops)`: the log
+   values (must include "loss") and what the step processed, returned, never stored on the stage.
+4. Gradients: fp32 accumulation, SP/tied-embedding/DP reductions, global norm (TP/PP-aware), clip,
    AdamW with fp32 master weights (training/optimizer.py), LR from training/lr_schedule.py.
    A non-finite loss or gradient norm skips the update (logged); `max_skipped_steps` in a row
    raise `TrainingError`.
-4. `stage.on_step_end(trainer, metrics)` (GRPO: reference re-sync), logging, periodic validation
+5. `stage.on_step_end(trainer, metrics)` (GRPO: reference sync), logging, periodic validation
    (`stage.validate(trainer) -> dict`), periodic checkpoint; signal/exit-interval handling.
 
 State the trainer checkpoints: model, optimizer, iteration, consumed samples (the data position),
-RNG, and `stage.state_dict()` (any picklable dict, e.g. GRPO's data cursor and reference-sync step;
-a stage that owns extra models, like GRPO's reference policy, either rebuilds them on resume or
-puts their tensors in that dict).
+RNG, `stage.state_dict()` (a picklable dict), and the stage's extra model states
+(`stage.checkpoint_states(trainer)`, e.g. GRPO's reference policy: objects with
+`sharded_state_dict()` saved and resharded like the model).
 
-Building a stage on this trainer (SFT, GRPO): subclass `Stage` (or `megatron_diffu.pretrain.
-PretrainStage` to reuse the diffusion forward step, metrics and ELBO validation), then call
-`megatron_diffu.pretrain.main(argv, stage=MyStage(), config_cls=MyConfig)` where `MyConfig`
-subclasses `PretrainConfig` with the stage's own section. `main` calls `stage.configure(cfg,
-world_size)` before the model is built (tokenizer, vocabulary, mask id), then `Trainer(...)`,
-whose constructor loads `--load` and calls `stage.setup(trainer)` (data iterators at
-`trainer.consumed_samples`).
+Construction order: `stage.configure(cfg, world_size)` (tokenizer-dependent config) before the
+trainer; the trainer builds the model and optimizer, asks the stage for its extra states, loads
+`--load`, then calls `stage.setup(trainer)` (data positioned at `trainer.consumed_samples`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -52,21 +52,8 @@ from megatron_diffu.training.lr_schedule import LRSchedule
 from megatron_diffu.training.optimizer import MixedPrecisionAdamW
 from megatron_diffu.training.signals import EXIT_CODE_SIGNAL, ExitSignalHandler
 
-try:
-    from megatron_diffu.parallel.pipeline import forward_backward
-except ImportError:  # pragma: no cover - the schedule is another part; keep a sequential stand-in
-    def forward_backward(forward_step, model, micro_batches, grid, *, forward_only=False, tensor_shape=None,
-                         dtype=torch.float32):
-        reports = []
-        ctx = torch.no_grad() if forward_only else torch.enable_grad()
-        with ctx:
-            for mb in micro_batches:
-                out, loss_fn = forward_step(model, mb, None)
-                loss, rep = loss_fn(out)
-                if not forward_only:
-                    loss.backward()
-                reports.append({k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in rep.items()})
-        return reports
+from megatron_diffu.model.builder import build_model_shard
+from megatron_diffu.parallel.pipeline import forward_backward
 
 
 class TrainingError(RuntimeError):
@@ -74,12 +61,29 @@ class TrainingError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------ Stage
+@dataclass
+class StepInputs:
+    """A step's micro-batches and what the stage learnt making them (logged with the step)."""
+
+    micro_batches: list[dict]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepReport:
+    """What a step computed: log values (must include "loss"), tokens processed, matmul FLOPs."""
+
+    metrics: dict[str, float]
+    tokens: float
+    flops: float
+
+
 class Stage:
     """What differs between stages. Subclass and override; the defaults are no-ops.
 
-    Attributes set by the trainer before `setup`: nothing; use the `trainer` argument
-    (`trainer.cfg`, `.grid`, `.model`, `.iteration`, `.consumed_samples`, `.global_batch_size`,
-    `.micro_batch_size`, `.num_micro_batches`, `.device`).
+    Everything a method needs comes through the `trainer` argument (`trainer.cfg`, `.grid`,
+    `.model`, `.iteration`, `.consumed_samples`, `.global_batch_size`, `.micro_batch_size`,
+    `.num_micro_batches`, `.device`).
     """
 
     name = "stage"
@@ -87,30 +91,26 @@ class Stage:
     def configure(self, cfg, world_size: int) -> None:
         """Before the model is built: resolve tokenizer-dependent config (vocab size, mask id)."""
 
+    def checkpoint_states(self, trainer: "Trainer") -> dict[str, Any]:
+        """Extra model states the checkpointer saves and restores like the model (built before
+        `--load` is read): {name: object with sharded_state_dict()}."""
+        return {}
+
     def setup(self, trainer: "Trainer") -> None:
         """Build data iterators positioned at `trainer.consumed_samples` (resume)."""
 
-    def train_micro_batches(self, trainer: "Trainer") -> list[dict]:
+    def step_inputs(self, trainer: "Trainer") -> StepInputs:
         raise NotImplementedError
 
     def forward_step(self, model, batch: dict, input_tensor: Optional[torch.Tensor]):
         """Pipeline forward step: (output, loss_fn); see the module docstring."""
         raise NotImplementedError
 
-    def metrics(self, totals: dict[str, float]) -> dict[str, float]:
-        """Log values from the summed reports; must contain "loss"."""
-        return {"loss": totals.get("loss_sum", float("nan")) / max(totals.get("num_tokens", 1.0), 1.0)}
+    def step_report(self, trainer: "Trainer", inputs: StepInputs, totals: dict[str, float]) -> StepReport:
+        raise NotImplementedError
 
     def validate(self, trainer: "Trainer") -> dict[str, float]:
         return {}
-
-    def tokens_per_step(self, trainer: "Trainer") -> int:
-        """Tokens processed per global step (tokens/s and MFU)."""
-        return trainer.global_batch_size * int(getattr(trainer.cfg.data, "seq_length", 1))
-
-    def flops_per_step(self, trainer: "Trainer") -> float:
-        seq = int(getattr(trainer.cfg.data, "seq_length", 1))
-        return trainer.cfg.model.flops_per_token(seq, training=True) * self.tokens_per_step(trainer)
 
     def on_step_end(self, trainer: "Trainer", metrics: dict) -> None:
         """Called on every rank after each step (GRPO: reference-model sync)."""
@@ -144,13 +144,9 @@ def default_device() -> torch.device:
 
 
 def build_model(cfg, grid: ProcessGrid, device: Optional[torch.device] = None):
-    """This rank's pipeline stage / TP shard of the DiffusionTransformer."""
-    from megatron_diffu.model.transformer import DiffusionTransformer, pipeline_layer_split
-
-    layer_ids = pipeline_layer_split(cfg.model, grid.pp_size, grid.pp_rank, cfg.parallel.pipeline_model_parallel_split)
-    return DiffusionTransformer(cfg.model, grid=grid, pre_process=grid.is_first_stage,
-                                post_process=grid.is_last_stage, layer_ids=layer_ids,
-                                sequence_parallel=cfg.parallel.sequence_parallel, device=device)
+    """This rank's pipeline stage / TP shard of the run config's model."""
+    return build_model_shard(cfg.model, grid, split=cfg.parallel.pipeline_model_parallel_split,
+                             sequence_parallel=cfg.parallel.sequence_parallel, device=device)
 
 
 def _finite(x: float) -> bool:
@@ -178,6 +174,8 @@ class Trainer:
         self.skipped_in_a_row = 0
         self.history: list[dict] = []
         self.validation_history: list[tuple[int, dict]] = []
+        self.extra_states = dict(stage.checkpoint_states(self))
+        self.restored_states: set[str] = set()  # extra states found in the loaded checkpoint
         self._maybe_load()
         self.logger = MetricsLogger(self.train_iters, cfg.logging.log_interval, cfg.logging.tensorboard_dir,
                                     cfg.logging.log_file, enabled=self.grid.rank == 0)
@@ -197,11 +195,12 @@ class Trainer:
             return
         state = checkpointing.load_checkpoint(ck.load, self.model, self.optimizer, self.grid, self.cfg.model,
                                               finetune=ck.finetune, load_optim=not ck.no_load_optim,
-                                              load_rng=not ck.no_load_rng)
+                                              load_rng=not ck.no_load_rng, states=self.extra_states)
         if state is None:  # finetune: weights only
             return
         self.iteration = int(state["iteration"])
         self.consumed_samples = int(state["consumed_samples"])
+        self.restored_states = set(state.get("restored_states", ()))
         if ck.no_load_optim:
             self.optimizer.step_count = 0
         self.stage.load_state_dict(state.get("stage", {}))
@@ -214,7 +213,8 @@ class Trainer:
                  "optimizer_step": self.optimizer.step_count, "lr_schedule": self.lr_schedule.state_dict(),
                  "stage": self.stage.state_dict(), "stage_name": self.stage.name}
         checkpointing.save_checkpoint(ck.save, self.iteration, self.model, self.optimizer, self.grid, self.cfg,
-                                      state, keep_last=ck.keep_last, save_optim=not ck.no_save_optim)
+                                      state, keep_last=ck.keep_last, save_optim=not ck.no_save_optim,
+                                      states=self.extra_states)
 
     # ------------------------------------------------------------------ reductions
     def reduce_reports(self, reports: list[dict]) -> dict[str, float]:
@@ -238,14 +238,16 @@ class Trainer:
         t0 = time.perf_counter()
         self.iteration += 1
         self.model.train()
-        micro_batches = self.stage.train_micro_batches(self)
+        inputs = self.stage.step_inputs(self)
+        micro_batches = inputs.micro_batches
         if len(micro_batches) != self.num_micro_batches:
             raise TrainingError(f"stage {self.stage.name} produced {len(micro_batches)} micro-batches, expected "
                                 f"{self.num_micro_batches} (global_batch_size / (micro_batch_size * dp))")
         self.optimizer.zero_grad()
         reports = forward_backward(self.stage.forward_step, self.model, micro_batches, self.grid,
                                    dtype=self.cfg.model.params_dtype)
-        metrics = dict(self.stage.metrics(self.reduce_reports(reports)))
+        report = self.stage.step_report(self, inputs, self.reduce_reports(reports))
+        metrics = dict(report.metrics)
         self.optimizer.reduce_gradients()
         grad_norm = self.optimizer.grad_norm()
         lr = self.lr_schedule(self.iteration)
@@ -269,10 +271,9 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
-        tokens = self.stage.tokens_per_step(self)
         metrics.update(iteration=self.iteration, consumed_samples=self.consumed_samples, lr=lr, grad_norm=grad_norm,
-                       skipped=skipped, step_time=dt, tokens_per_s=tokens / dt,
-                       mfu=self.stage.flops_per_step(self) / dt / (self.peak_flops() * self.grid.world_size),
+                       skipped=skipped, step_time=dt, tokens_per_s=report.tokens / dt,
+                       mfu=report.flops / dt / (self.peak_flops() * self.grid.world_size),
                        peak_mem_gb=peak_memory_gb(self.device))
         return metrics
 
@@ -302,7 +303,7 @@ class Trainer:
                   f"{self.global_batch_size} = {self.micro_batch_size} x {self.num_micro_batches} micro x "
                   f"{self.grid.dp_size} DP (tp={self.grid.tp_size}, pp={self.grid.pp_size})", flush=True)
         exit_code = 0
-        with handler if t.exit_signal_handler else _nullcontext():
+        with handler if t.exit_signal_handler else contextlib.nullcontext():
             try:
                 while self.iteration < self.train_iters:
                     metrics = self.train_step()
@@ -332,11 +333,3 @@ class Trainer:
             finally:
                 self.logger.close()
         return exit_code
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

@@ -171,10 +171,10 @@ def test_config_and_bad_data_errors(prefixes, qwen, tmp_path):
     assert parse_blend(["a", "b"]) == (["a", "b"], None)
     assert parse_split("98,1,1") == pytest.approx([0.98, 0.01, 0.01])
     bad = DataConfig(data_path=["0.7", "a", "b"], split="x", seq_length=0, tokenizer_type="nope")
-    errors = " | ".join(bad.validate())
+    errors = " | ".join(bad.problems())
     for part in ("WEIGHT PREFIX", "data.split='x'", "seq_length=0", "tokenizer_type='nope'"):
         assert part in errors
-    assert DataConfig(data_path=[prefixes[0]]).validate() == []
+    assert DataConfig(data_path=[prefixes[0]]).problems() == []
     with pytest.raises(DatasetFormatError, match="not found: missing"):
         build_pretrain_datasets(_cfg([str(tmp_path / "nope")], tmp_path), qwen, 10)
     with pytest.raises(DatasetFormatError, match="the valid split .* is empty"):

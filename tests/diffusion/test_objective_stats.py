@@ -1,4 +1,4 @@
-"""The masked-diffusion objective against its formulas (ALGORITHMS.md sec. 2), written plainly here."""
+"""The masked-diffusion objective against its formulas (docs/ALGORITHMS.md sec. 2), written plainly here."""
 import math
 
 import pytest
@@ -136,7 +136,7 @@ def test_loss_equals_plain_reference_and_shift_alignment(weighting):
     with torch.no_grad():
         loss, report = obj.diffusion_loss(model_shift, inp, normaliser=tokens.numel())
         raw = model_plain(inp.input_ids)  # [B, S, V]: position i predicts token i (no shift)
-    shifted = torch.cat([raw[:, :1], raw[:, :-1]], dim=1)  # ALGORITHMS.md sec. 1
+    shifted = torch.cat([raw[:, :1], raw[:, :-1]], dim=1)  # docs/ALGORITHMS.md sec. 1
     ce = F.cross_entropy(shifted.reshape(-1, raw.shape[-1]).float(), tokens.reshape(-1), reduction="none").view(3, 24)
     masked = inp.logit_positions
     if weighting == "inverse_t":
@@ -178,6 +178,6 @@ def test_elbo_of_a_uniform_model_is_log_vocab():
 
 
 def test_config_validation_names_fields():
-    errs = DiffusionConfig(t_eps=0.0, loss_weighting="cartt", cart_p=1.5).validate()
+    errs = DiffusionConfig(t_eps=0.0, loss_weighting="cartt", cart_p=1.5).problems()
     assert any("t_eps" in e for e in errs) and any("loss_weighting" in e for e in errs)
     assert any("cart_p" in e for e in errs)

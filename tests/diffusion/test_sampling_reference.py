@@ -1,4 +1,4 @@
-"""The sampler equals a plain, one-prompt-at-a-time reference of ALGORITHMS.md sec. 4.
+"""The sampler equals a plain, one-prompt-at-a-time reference of docs/ALGORITHMS.md sec. 4.
 
 `reference_generate` below is written from the spec (Dream `diffusion_generate`), independently
 of `megatron_diffu.diffusion.sampling`: one prompt, one full forward per step, Python loops. It

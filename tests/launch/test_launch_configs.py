@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_diffu.config import PretrainConfig
+from megatron_diffu.stages.diffusion.config import PretrainRunConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 YAML_7B = ROOT / "examples" / "diffucoder_7b_adapt.yaml"
@@ -26,7 +26,7 @@ def _table_rows() -> list[list[float]]:
 
 
 def test_7b_recipe_tokens_and_layouts():
-    cfg = PretrainConfig.from_args(["--config", str(YAML_7B)])
+    cfg = PretrainRunConfig.from_args(["--config", str(YAML_7B)])
     tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_length
     # one phase = 65B tokens (the paper's adaptation budget), within one step
     assert abs(cfg.training.train_iters * tokens_per_step - 65e9) < tokens_per_step
@@ -41,14 +41,14 @@ def test_7b_recipe_tokens_and_layouts():
         achieved = gpus * H100_BF16_PEAK * MFU
         assert step_s == pytest.approx(tokens_per_step * flops_token / achieved, rel=0.01)
         assert days == pytest.approx(130e9 * flops_token / achieved / 86400, rel=0.01)
-        c = PretrainConfig.from_args(["--config", str(YAML_7B), "--tensor-model-parallel-size", str(int(tp)),
+        c = PretrainRunConfig.from_args(["--config", str(YAML_7B), "--tensor-model-parallel-size", str(int(tp)),
                                       "--pipeline-model-parallel-size", str(int(pp)),
                                       "--micro-batch-size", str(int(mbs))])
         c.validate(int(gpus))
 
 
 def test_tiny_cpu_config_validates_for_two_ranks():
-    cfg = PretrainConfig.from_args(["--config", str(ROOT / "examples" / "slurm_tiny_cpu.yaml"), "--save", "/tmp/x"])
+    cfg = PretrainRunConfig.from_args(["--config", str(ROOT / "examples" / "slurm_tiny_cpu.yaml"), "--save", "/tmp/x"])
     cfg.validate(2)
     assert cfg.training.global_batch_size == 2 * cfg.training.micro_batch_size
 

@@ -10,9 +10,8 @@ import textwrap
 
 import pytest
 
-from megatron_diffu.parallel.launch import (LaunchEnv, choose_backend, default_port, expand_nodelist,
+from megatron_diffu.parallel.launch import (LaunchEnv, choose_backend, default_port, expand_nodelist, free_port,
                                             resolve_launch_env)
-from megatron_diffu.testing import free_port
 
 NODELISTS = {
     "node01": ["node01"],

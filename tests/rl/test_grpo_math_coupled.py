@@ -1,4 +1,4 @@
-"""The coupled per-token log-prob estimator (ALGORITHMS.md sec. 5) against a plain computation.
+"""The coupled per-token log-prob estimator (docs/ALGORITHMS.md sec. 5) against a plain computation.
 
 The reference in this file draws t and R from the documented keys itself, builds x_full / x_a /
 x_b by hand, runs the model once per copy with *full* logits (no logit_positions), takes torch's

@@ -12,7 +12,7 @@ import torch
 from megatron_diffu.data.rl import (RL_TASK_IDS, heldout_eval_task_ids, humaneval_rl_records, load_rl_problems,
                                     split_check_asserts)
 from megatron_diffu.eval.humaneval import ProblemFormatError, load_humaneval
-from megatron_diffu.grpo import completion_mask_from
+from megatron_diffu.stages.grpo.rollout import completion_mask_from
 
 ROOT = Path(__file__).resolve().parents[2]
 

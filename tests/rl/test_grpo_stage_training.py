@@ -17,9 +17,8 @@ def problems(tmp_path):
 
 
 @pytest.mark.slow
-def test_average_reward_rises_on_a_toy_reward(problems):
+def test_average_reward_rises_on_a_toy_reward(problems, one_thread):
     """Reward = fraction of completion tokens equal to one token id: ~1/64 at the start."""
-    torch.set_num_threads(1)
     cfg = toy_config(problems, {"training": {"train_iters": 30, "global_batch_size": 16, "micro_batch_size": 8},
                                 "grpo": {"num_generations": 8, "num_iterations": 1},
                                 "optimizer": {"lr": 3e-3, "min_lr": 3e-3}})
@@ -35,11 +34,10 @@ def test_average_reward_rises_on_a_toy_reward(problems):
     assert (gen == TARGET).float().mean() > 0.3
 
 
-def test_resume_mid_rollout_batch_continues_with_equal_losses(problems, tmp_path):
+def test_resume_mid_rollout_batch_continues_with_equal_losses(problems, tmp_path, one_thread):
     """Straight 5 steps vs 3 steps + resume: iteration 4 is the 2nd inner iteration of the rollout
     batch made at iteration 3 (restored from the stage state), and the reference synced at
-    iteration 2 comes back from grpo_reference/ref_iter_0000002."""
-    torch.set_num_threads(1)
+    iteration 2 comes back from the checkpoint (the trainer's checkpointer saves it as `reference.*`)."""
     over = {"training": {"train_iters": 5}, "grpo": {"ref_model_sync_steps": 2, "beta": 0.05}}
     straight = make_trainer(toy_config(problems, over))
     straight.train()
@@ -47,7 +45,10 @@ def test_resume_mid_rollout_batch_continues_with_equal_losses(problems, tmp_path
     first = make_trainer(toy_config(problems, over, ck, {"training": {"train_iters": 5, "exit_interval": 3}}))
     first.train()
     assert first.iteration == 3
-    assert (tmp_path / "ck" / "grpo_reference" / "ref_iter_0000002" / ".metadata").exists()
+    from megatron_diffu.training.checkpointing import checkpoint_tensor_shapes
+    saved = checkpoint_tensor_shapes(tmp_path / "ck" / "iter_0000003")
+    ref_keys = {k for k in saved if k.startswith("reference.")}
+    assert ref_keys == {"reference." + k[len("model."):] for k in saved if k.startswith("model.")}
     resumed = make_trainer(toy_config(problems, over, ck))
     assert resumed.iteration == 3 and resumed.stage.ref_sync_iteration == 2
     assert resumed.stage.buffer is not None and resumed.stage.buffer.rollout_index == 1
@@ -74,7 +75,7 @@ def test_config_errors_name_the_field_and_fix(problems):
 
 
 def _plain_logp(model, tokens, real, prompt_length, sample_index, seed, mask_id):
-    """The coupled estimate of ALGORITHMS.md sec. 5 written plainly: one sequence at a time, one
+    """The coupled estimate of docs/ALGORITHMS.md sec. 5 written plainly: one sequence at a time, one
     full-vocabulary forward per copy. Noise keys: t from (seed, -1, "coupled_t"), R from
     (seed, sample index, "coupled_r") (rl/coupled.py's documented keys)."""
     from megatron_diffu.diffusion.objective import keyed_generator
@@ -95,15 +96,14 @@ def _plain_logp(model, tokens, real, prompt_length, sample_index, seed, mask_id)
     return torch.stack(rows)
 
 
-def test_second_inner_step_equals_a_plain_implementation(problems):
+def test_second_inner_step_equals_a_plain_implementation(problems, one_thread):
     """Step 2 = inner iteration 1 of rollout batch 0: old log-probs from the rollout-time policy,
     reference = the initial model, current = the policy after step 1, all with mask seed 1."""
     import copy
 
-    from megatron_diffu.grpo import mask_seed
+    from megatron_diffu.stages.grpo.logprobs import mask_seed
     from megatron_diffu.model.transformer import DiffusionTransformer
 
-    torch.set_num_threads(1)
     cfg = toy_config(problems, {"grpo": {"beta": 0.05, "ref_model_sync_steps": 0}, "training": {"train_iters": 2},
                                 "optimizer": {"lr": 1e-2, "min_lr": 1e-2}})
     tr = make_trainer(cfg)

@@ -11,7 +11,7 @@ from megatron_diffu.data.sft import (BadRecord, SFTCollator, SFTConversations, S
 from megatron_diffu.data.sft_preprocess import preprocess_sft
 from megatron_diffu.data.tokenizer import build_tokenizer
 from megatron_diffu.diffusion.objective import DiffusionConfig
-from megatron_diffu.sft import sft_inputs
+from megatron_diffu.stages.diffusion.objective import sft_inputs
 
 CONVERSATION = [
     {"role": "system", "content": "You write Python."},

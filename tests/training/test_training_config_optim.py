@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from megatron_diffu.config import ConfigError, PretrainConfig
+from megatron_diffu.config import ConfigError
+from megatron_diffu.stages.diffusion.config import PretrainRunConfig
 from megatron_diffu.model.config import TransformerConfig
 from megatron_diffu.model.transformer import DiffusionTransformer
 from megatron_diffu.parallel.state import ProcessGrid
@@ -21,13 +22,13 @@ def _yaml(tmp_path, text):
 def test_yaml_then_flags_override_and_shared_seed(tmp_path):
     f = _yaml(tmp_path, "model:\n  preset: tiny\n  hidden_size: 32\n  seed: 7\ntraining:\n  micro_batch_size: 2\n"
                         "  train_iters: 10\noptimizer:\n  lr: 0.1\n")
-    cfg = PretrainConfig.from_args(["--config", f, "--lr", "3e-4", "--tensor-parallel-size", "1", "--bf16",
+    cfg = PretrainRunConfig.from_args(["--config", f, "--lr", "3e-4", "--tensor-parallel-size", "1", "--bf16",
                                     "--data-path", "0.3", "a", "0.7", "b", "--swiglu"])
     assert cfg.model.hidden_size == 32 and cfg.model.num_layers == 2  # preset + override
     assert cfg.optimizer.lr == 3e-4 and cfg.model.bf16 is True and cfg.training.micro_batch_size == 2
     assert cfg.model.seed == 7 and cfg.data.seed == 7  # one --seed for model and data
     assert cfg.data.data_path == ["0.3", "a", "0.7", "b"]
-    again = PretrainConfig.from_dict(cfg.to_dict())
+    again = PretrainRunConfig.from_dict(cfg.to_dict())
     assert again.to_dict() == cfg.to_dict()
 
 
@@ -41,28 +42,28 @@ def test_yaml_then_flags_override_and_shared_seed(tmp_path):
 ])
 def test_yaml_errors_name_the_key_and_fix(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
-        PretrainConfig.from_args(["--config", _yaml(tmp_path, text)])
+        PretrainRunConfig.from_args(["--config", _yaml(tmp_path, text)])
 
 
 def test_flag_and_validation_errors():
     with pytest.raises(ConfigError, match=r"unknown flag --micro-batchsize \(did you mean '--micro-batch-size'\?\)"):
-        PretrainConfig.from_args(["--micro-batchsize", "2"])
+        PretrainRunConfig.from_args(["--micro-batchsize", "2"])
     with pytest.raises(ConfigError, match="--config nope.yaml: no such file"):
-        PretrainConfig.from_args(["--config", "nope.yaml"])
+        PretrainRunConfig.from_args(["--config", "nope.yaml"])
     base = ["--train-iters", "3", "--mock-data"]
     with pytest.raises(ConfigError, match=r"global_batch_size=10 is not divisible by micro_batch_size \* data-parallel "
                                           r"size = 3 \* 2 = 6"):
-        PretrainConfig.from_args(base + ["--micro-batch-size", "3", "--global-batch-size", "10"]).validate(world_size=2)
+        PretrainRunConfig.from_args(base + ["--micro-batch-size", "3", "--global-batch-size", "10"]).validate(world_size=2)
     with pytest.raises(ConfigError) as e:
-        PretrainConfig.from_args(["--mock-data", "--lr-decay-style", "cosin", "--save-interval", "5",
+        PretrainRunConfig.from_args(["--mock-data", "--lr-decay-style", "cosin", "--save-interval", "5",
                                   "--tensor-model-parallel-size", "3"]).validate(world_size=4)
     msg = str(e.value)
     for part in ("set --train-iters or --train-samples", "lr_decay_style='cosin'", "--save-interval needs --save",
                  "world size 4 is not divisible", "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3"):
         assert part in msg, part
-    cfg = PretrainConfig.from_args(base + ["--micro-batch-size", "2", "--global-batch-size", "8"]).validate(world_size=2)
+    cfg = PretrainRunConfig.from_args(base + ["--micro-batch-size", "2", "--global-batch-size", "8"]).validate(world_size=2)
     assert cfg.num_micro_batches(2) == 2 and cfg.resolved_train_iters(2) == 3
-    assert PretrainConfig.from_args(["--train-samples", "100", "--global-batch-size", "8", "--mock-data"]
+    assert PretrainRunConfig.from_args(["--train-samples", "100", "--global-batch-size", "8", "--mock-data"]
                                     ).resolved_train_iters(1) == 13
 
 
@@ -85,7 +86,7 @@ def _model():
 
 
 def test_adamw_equals_torch_adamw_with_clipping_and_no_decay_on_norms_biases():
-    cfg = PretrainConfig.from_args(["--weight-decay", "0.1", "--clip-grad", "0.05", "--adam-beta2", "0.99",
+    cfg = PretrainRunConfig.from_args(["--weight-decay", "0.1", "--clip-grad", "0.05", "--adam-beta2", "0.99",
                                    "--adam-eps", "1e-4"]).optimizer  # eps >> the float noise of the
     # key-bias gradient (exactly 0 in theory: softmax is shift-invariant), which Adam would amplify
     ours, ref = _model(), _model()
@@ -112,7 +113,7 @@ def test_adamw_equals_torch_adamw_with_clipping_and_no_decay_on_norms_biases():
 
 
 def test_bf16_model_keeps_fp32_master_weights():
-    cfg = PretrainConfig.from_args([]).optimizer
+    cfg = PretrainRunConfig.from_args([]).optimizer
     model = DiffusionTransformer(TransformerConfig.from_preset("tiny", vocab_size=64, bf16=True))
     opt = MixedPrecisionAdamW(model, cfg, ProcessGrid.single())
     assert opt.master.dtype == torch.float32 and opt.grad_buffer.dtype == torch.float32

@@ -6,7 +6,9 @@ import torch
 
 from training_helpers import build_trainer, make_stdlib_dataset, run_losses, tiny_args
 
-from megatron_diffu.pretrain import PretrainStage
+from megatron_diffu.stages.diffusion.data import PackedWindows
+from megatron_diffu.stages.diffusion.objective import DocumentMasking, PerPosition
+from megatron_diffu.stages.diffusion.stage import DiffusionStage
 from megatron_diffu.training import checkpointing
 from megatron_diffu.training.trainer import TrainingError
 
@@ -52,11 +54,11 @@ def test_resume_is_bit_exact_including_data_order(data_prefix, uninterrupted, tm
     assert checkpointing.resolve_checkpoint_dir(save).name == "iter_0000006"
 
 
-class _NaNStage(PretrainStage):
+class _NaNStage(DiffusionStage):
     """Poisons the loss of chosen iterations (a model/data blow-up stand-in)."""
 
     def __init__(self, bad_iterations):
-        super().__init__()
+        super().__init__(PackedWindows(), DocumentMasking(), PerPosition())
         self.bad = set(bad_iterations)
 
     def forward_step(self, model, batch, input_tensor):
@@ -71,9 +73,9 @@ class _NaNStage(PretrainStage):
 
 
 def _trainer_with_stage(args, stage):
-    from megatron_diffu.config import PretrainConfig
+    from megatron_diffu.stages.diffusion.config import PretrainRunConfig
     from megatron_diffu.training.trainer import Trainer
-    cfg = PretrainConfig.from_args(args)
+    cfg = PretrainRunConfig.from_args(args)
     stage.configure(cfg, 1)
     return Trainer(cfg, stage)
 

@@ -33,15 +33,15 @@ def tiny_args(data_prefix: str, train_iters: int = 4, extra: Optional[list] = No
 
 
 def build_trainer(args: list[str], grid=None):
-    from megatron_diffu.config import PretrainConfig
-    from megatron_diffu.pretrain import PretrainStage
+    from megatron_diffu.stages.diffusion.config import PretrainRunConfig
+    from megatron_diffu.stages.diffusion.recipes import pretraining_stage
     from megatron_diffu.training.trainer import Trainer, build_grid
 
-    cfg = PretrainConfig.from_args(args)
+    cfg = PretrainRunConfig.from_args(args)
     import torch.distributed as dist
     world = dist.get_world_size() if dist.is_initialized() else 1
     cfg.validate(world)
-    stage = PretrainStage()
+    stage = pretraining_stage()
     stage.configure(cfg, world)
     return Trainer(cfg, stage, grid or build_grid(cfg))
 

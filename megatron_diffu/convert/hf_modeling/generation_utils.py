@@ -6,7 +6,7 @@ top_p, top_k, alg in {origin, maskgit_plus, topk_margin, entropy}, alg_temp, out
 return_dict_in_generate, num_return_sequences, and the two hooks
 `generation_tokens_hook_func(step, x, logits) -> x` / `generation_logits_hook_func(step, x, logits) -> logits`.
 
-Semantics (megatron-diffu ALGORITHMS.md sec. 4, as Dream): x = prompt + N mask tokens; timesteps
+Semantics (megatron-diffu docs/ALGORITHMS.md sec. 4, as Dream): x = prompt + N mask tokens; timesteps
 linspace(1, eps, steps + 1); each step shifts the logits (position i-1 predicts token i), samples
 x0 and a confidence at masked positions and reveals k = int(n_masked * (1 - s/t)) of them (all
 at the last step): the top-k by confidence (alg_temp 0/None) or k drawn from

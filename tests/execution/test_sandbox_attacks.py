@@ -1,8 +1,14 @@
 """The sandbox contains hostile programs and leaves the machine as it was.
 
 After every attack we check, independently of the sandbox's own report: this process is alive,
-a sentinel file outside the sandbox is unchanged, no process of the run's uid is left anywhere
-on the machine, and the temporary directory is gone.
+a sentinel file outside the sandbox is unchanged, no process of the run's uid is left alive
+anywhere on the machine, and the temporary directory is gone.
+
+"Alive" excludes zombies (state Z: dead, waiting to be reaped) and gives processes that are already
+killed a moment to finish exiting: when a run is killed on its timeout, the kernel tears its pid
+namespace down asynchronously, so right after `run_python` returns a killed process can still show
+as running (R) for a few milliseconds. A real survivor (a fork-bomb child sleeping in its loop) is
+still there after the grace period and fails the check.
 """
 import os
 import socket
@@ -12,11 +18,36 @@ import time
 
 import pytest
 
-from megatron_diffu.rl import sandbox
-from megatron_diffu.rl.sandbox import run_many, run_python
+from megatron_diffu.execution import sandbox
+from megatron_diffu.execution.sandbox import run_many, run_python
 
-JAIL = sandbox.sandbox_mode() == "jail"
-needs_jail = pytest.mark.skipif(not JAIL, reason="namespaces (unshare) unavailable: basic mode only")
+# Fail closed: skip only where the kernel itself refuses the namespaces (and say which check
+# refused); a jail that cannot be built on a kernel that allows them is a failure, not a skip.
+KERNEL_REFUSAL = sandbox.kernel_refusal()
+JAIL = KERNEL_REFUSAL is None
+needs_jail = pytest.mark.skipif(not JAIL, reason=f"the kernel refuses the jail's namespaces: {KERNEL_REFUSAL}")
+
+
+def test_jail_builds_wherever_the_kernel_allows_it():
+    if not JAIL:
+        pytest.skip(f"the kernel refuses the jail's namespaces: {KERNEL_REFUSAL}")
+    assert sandbox.sandbox_mode() == "jail"  # raises SandboxUnavailableError with the cause otherwise
+
+
+@pytest.fixture
+def basic_kw(monkeypatch):
+    """Arguments for an explicit basic-mode run: as root, basic mode refuses uid 0, so it needs an
+    interpreter and a temp dir that a fresh uid can reach."""
+    if os.geteuid() != 0:
+        return {}
+    py = _world_runnable_python()
+    if py is None:
+        pytest.skip("root without a world-runnable interpreter: basic mode refuses to run (by design)")
+    d = tempfile.mkdtemp(prefix="mdiffu-basic-", dir="/tmp")
+    os.chmod(d, 0o711)
+    monkeypatch.setattr(tempfile, "tempdir", d)
+    yield {"python": py}
+    os.rmdir(d)
 SENTINEL_TEXT = "do not touch\n"
 
 
@@ -51,18 +82,39 @@ def processes_of_uid(uid):
     return found
 
 
+def _live_processes_of_uid(uid):
+    live = []
+    for pid in processes_of_uid(uid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":  # zombies are dead already
+                    live.append(pid)
+        except OSError:  # gone meanwhile
+            pass
+    return live
+
+
+def survivors_of_uid(uid, grace_s=10.0):
+    """The live processes of `uid` once killed ones have had `grace_s` to finish exiting."""
+    deadline = time.monotonic() + grace_s
+    live = _live_processes_of_uid(uid)
+    while live and time.monotonic() < deadline:
+        time.sleep(0.02)
+        live = _live_processes_of_uid(uid)
+    return live
+
+
 def check_clean(res):
     os.kill(os.getpid(), 0)  # we are alive
     if res.sandbox_uid is not None:
-        assert processes_of_uid(res.sandbox_uid) == []
+        assert survivors_of_uid(res.sandbox_uid) == []
 
 
 @needs_jail
 def test_infinite_loop_times_out(machine):
-    t0 = time.monotonic()
     res = run_python("while True:\n    pass\n", timeout_s=1.5)
     assert res.status == "timeout", res
-    assert time.monotonic() - t0 < 8
+    assert res.error in ("timed out after 1.5 s (wall clock)", "CPU time limit exceeded"), res
     check_clean(res)
 
 
@@ -151,42 +203,44 @@ def test_killing_the_parent_fails(machine):
 
 
 @pytest.mark.parametrize("mode", ["jail", "basic"])
-def test_printing_gigabytes_is_cut(machine, mode):
+def test_printing_gigabytes_is_cut(machine, mode, request):
     if mode == "jail" and not JAIL:
-        pytest.skip("no namespaces")
-    t0 = time.monotonic()
+        pytest.skip(f"the kernel refuses the jail's namespaces: {KERNEL_REFUSAL}")
+    kw = request.getfixturevalue("basic_kw") if mode == "basic" else {}
     res = run_python("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n", max_output_bytes=100_000,
-                     timeout_s=20, mode=mode)
-    assert res.status == "resource_limit" and "output" in res.error, res
+                     timeout_s=20, mode=mode, **kw)
+    # Cut by the output cap, not by the (generous) timeout: the run is killed once it is over.
+    assert res.status == "resource_limit" and res.error == "output exceeded 100000 bytes", res
     assert len(res.stdout) == 100_000
-    assert time.monotonic() - t0 < 10
     check_clean(res)
 
 
 @pytest.mark.parametrize("mode", ["jail", "basic"])
 @pytest.mark.parametrize("exit_call", ["import os; os._exit(0)", "import sys; sys.exit(0)", "exit()"])
-def test_exiting_early_is_not_a_pass(machine, mode, exit_call):
+def test_exiting_early_is_not_a_pass(machine, mode, exit_call, request):
     if mode == "jail" and not JAIL:
-        pytest.skip("no namespaces")
-    res = run_python(f"{exit_call}\nassert False, 'the tests would fail'\n", mode=mode)
+        pytest.skip(f"the kernel refuses the jail's namespaces: {KERNEL_REFUSAL}")
+    kw = request.getfixturevalue("basic_kw") if mode == "basic" else {}
+    res = run_python(f"{exit_call}\nassert False, 'the tests would fail'\n", mode=mode, **kw)
     assert res.status == "failed" and "before its end" in res.error, res
 
 
 @pytest.mark.parametrize("mode", ["jail", "basic"])
-def test_environment_secrets_are_not_visible(machine, monkeypatch, mode):
+def test_environment_secrets_are_not_visible(machine, monkeypatch, mode, request):
     if mode == "jail" and not JAIL:
-        pytest.skip("no namespaces")
+        pytest.skip(f"the kernel refuses the jail's namespaces: {KERNEL_REFUSAL}")
+    kw = request.getfixturevalue("basic_kw") if mode == "basic" else {}
     monkeypatch.setenv("MDIFFU_TEST_SECRET", "hunter2")
     code = "import os\nprint(os.environ.get('MDIFFU_TEST_SECRET'))\nprint(open('/proc/self/environ').read())\n"
-    res = run_python(code, mode=mode)
+    res = run_python(code, mode=mode, **kw)
     assert res.status == "passed", res
     assert "hunter2" not in res.stdout and res.stdout.startswith("None\n")
 
 
-def test_basic_mode_refuses_sockets_and_times_out(machine):
-    res = run_python("import socket; socket.socket()", mode="basic")
+def test_basic_mode_refuses_sockets_and_times_out(machine, basic_kw):
+    res = run_python("import socket; socket.socket()", mode="basic", **basic_kw)
     assert res.status == "failed" and "network access is disabled" in res.error, res
-    res = run_python("while True: pass", mode="basic", timeout_s=1.0)
+    res = run_python("while True: pass", mode="basic", timeout_s=1.0, **basic_kw)
     assert res.status == "timeout", res
 
 
@@ -222,20 +276,17 @@ def _world_runnable_python():
     return None
 
 
-def _live_processes_of_uid(uid):
-    live = []
-    for pid in processes_of_uid(uid):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] != "Z":  # zombies are dead already
-                    live.append(pid)
-        except OSError:
-            pass
-    return live
-
-
 @pytest.mark.skipif(os.geteuid() != 0 or _world_runnable_python() is None or not _others_can_reach_tmp(),
                     reason="needs root and an interpreter other users can run")
+def test_basic_mode_never_runs_as_uid_0(monkeypatch):
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    # /root is private: a fresh uid cannot run an interpreter under it, so basic mode refuses
+    with pytest.raises(sandbox.SandboxSetupError, match="refuses to run untrusted code as uid 0"):
+        run_python("print(1)", mode="basic", python=sys.executable if not sandbox._others_can_run(sys.executable)
+                   else "/nonexistent/python")
+
+
 def test_basic_mode_as_root_drops_to_a_fresh_uid(tmp_path):
     """Without namespaces (e.g. a container without CAP_SYS_ADMIN), root still runs the program
     under a fresh uid: it cannot signal us, cannot write root's files, and leaves no process."""
@@ -247,10 +298,10 @@ def test_basic_mode_as_root_drops_to_a_fresh_uid(tmp_path):
             "               lambda: open('/etc/passwd', 'a'), lambda: os.remove(%r)):\n"
             "    try:\n        attack()\n        print('succeeded')\n    except OSError as e:\n"
             "        print(type(e).__name__)\n" % (os.getpid(), str(secret_dir / "s.txt")))
-    t0 = time.monotonic()
     res = run_python(code, mode="basic", python=_world_runnable_python(), timeout_s=10)
-    assert time.monotonic() - t0 < 8  # the background sleeper does not hold us up
+    # The background sleeper (60 s) holds the pipes open: "passed", not "timeout", shows that the
+    # run ended with the program itself instead of waiting for it.
     assert res.status == "passed" and res.sandbox_uid not in (None, 0), res
     assert res.stdout.split() == ["PermissionError"] * 4, res.stdout
     assert (secret_dir / "s.txt").read_text() == "x"
-    assert _live_processes_of_uid(res.sandbox_uid) == []
+    assert survivors_of_uid(res.sandbox_uid) == []

@@ -1,6 +1,7 @@
 """Inside half of the sandbox (see `sandbox.py` for the threat model). Standard library only.
 
-Run by `sandbox.py` as `python -I -S _sandbox_launcher.py SPEC_JSON`, either
+Run by `sandbox.py` as a script, `python -I -S <this file> SPEC_JSON` (located by path beside
+`sandbox.py`, never imported, so it must import nothing but the standard library), either
 - "jail" mode: under `unshare --mount --net --pid --ipc --uts --fork` (optionally `--user
   --map-root-user` when the caller is not root). This process is then pid 1 of a fresh pid
   namespace, still (namespace-)root, in a private mount namespace without network. It builds a
@@ -27,6 +28,8 @@ MS_REMOUNT, MS_BIND, MS_MOVE, MS_REC, MS_PRIVATE = 32, 4096, 8192, 16384, 1 << 1
 MNT_DETACH = 2
 PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_SET_DUMPABLE = 38, 24, 28, 4
 SECBIT_NOROOT, SECBIT_NOROOT_LOCKED = 1, 2
+SYS_KEYCTL = {"x86_64": 250, "aarch64": 219, "ppc64le": 271, "s390x": 280}
+KEYCTL_JOIN_SESSION_KEYRING = 1
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217}
 
 # Runs in the sandboxed interpreter (`python -I -c RUNNER path nonce_fd done_fd basic`). It reads
@@ -116,19 +119,24 @@ def _build_root(spec: dict) -> None:
             os.mkdir(root + top)
             _bind_ro(top, root + top)
             bound.append(top)
-    for prefix in spec["python_prefixes"]:  # the interpreter may live outside /usr (pyenv, conda)
-        if _covered(prefix, bound):
-            continue
-        os.makedirs(root + prefix, mode=0o755)
-        _bind_ro(prefix, root + prefix)
-        bound.append(prefix)
     os.mkdir(root + "/dev")
     for dev in ("null", "zero", "full", "random", "urandom"):
         open(root + "/dev/" + dev, "w").close()
         _mount("/dev/" + dev, root + "/dev/" + dev, None, MS_BIND)
+    # The fixed directories first, the interpreter's prefixes after: a prefix may live under one of
+    # them (a virtual environment in /tmp, a conda prefix in /opt, a home directory).
     for d, mode in (("/tmp", 0o1777), ("/dev/shm", 0o1777), ("/sandbox", 0o700), ("/proc", 0o555)):
         os.mkdir(root + d)
         os.chmod(root + d, mode)
+    for prefix in spec["python_prefixes"]:  # the interpreter may live outside /usr (pyenv, conda, venv)
+        if _covered(prefix, bound):
+            continue
+        if _covered(prefix, ["/proc", "/dev", "/sandbox"]) or prefix in ("/", "/tmp"):
+            raise OSError(f"the Python prefix {prefix} cannot be mapped into the jail (it would cover "
+                          f"one of /, /tmp, /proc, /dev, /sandbox)")
+        os.makedirs(root + prefix, mode=0o755, exist_ok=True)
+        _bind_ro(prefix, root + prefix)
+        bound.append(prefix)
     # A fresh proc for our pid namespace; hidepid keeps the program from reading pid 1's details.
     try:
         _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")
@@ -171,6 +179,13 @@ def _drop_privileges(uid) -> None:
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)  # the kernel clears the capability sets on this transition
+    # A fresh, empty session keyring: the caller's keys are not reachable by possession, and a key
+    # the program adds is gone with it (the keyring is not namespaced by unshare).
+    nr = SYS_KEYCTL.get(os.uname().machine)
+    if nr is not None and _libc.syscall(nr, KEYCTL_JOIN_SESSION_KEYRING, None) < 0:
+        err = ctypes.get_errno()
+        if err != 38:  # ENOSYS: a kernel without keys support has none to leak
+            raise OSError(err, f"keyctl(JOIN_SESSION_KEYRING): {os.strerror(err)}")
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")  # no setuid binary gives any back
 
 

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from megatron_diffu.rl import sandbox
-from megatron_diffu.rl.sandbox import SandboxResult, run_many, run_python
+from megatron_diffu.execution import sandbox
+from megatron_diffu.execution.sandbox import SandboxResult, run_many, run_python
 
 
 def test_statuses_of_ordinary_programs():
@@ -24,6 +24,7 @@ def test_statuses_of_ordinary_programs():
 def test_crash_by_signal_is_reported():
     res = run_python("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
     assert res.status == "crashed" and res.returncode == -11 and "SIGSEGV" in res.error, res
+    assert res.error.startswith("crashed: signal 11 (SIGSEGV)"), res
 
 
 def test_file_size_limit():
@@ -61,15 +62,33 @@ def test_bad_arguments_are_rejected():
         run_many(["pass"], max_workers=0)
 
 
-def test_falls_back_to_basic_mode_loudly_without_namespaces(monkeypatch, caplog):
+def test_fails_closed_without_namespaces_and_basic_only_when_asked(monkeypatch, caplog, capsys):
     monkeypatch.setattr(sandbox, "_mode_cache", None)
+    monkeypatch.setattr(sandbox, "_mode_error", None)
+    monkeypatch.setattr(sandbox, "_allow_basic", False)
+    monkeypatch.setattr(sandbox, "_basic_warned", False)
     monkeypatch.setattr(sandbox, "_unshare_argv", lambda: ["/nonexistent/unshare"])
     monkeypatch.delenv("MDIFFU_SANDBOX_MODE", raising=False)
-    with caplog.at_level("WARNING", logger="megatron_diffu.rl.sandbox"):
+    monkeypatch.delenv("MDIFFU_ALLOW_BASIC_SANDBOX", raising=False)
+    with pytest.raises(sandbox.SandboxUnavailableError, match="nonexistent/unshare.*Fix:.*--allow-basic-sandbox"):
+        sandbox.sandbox_mode()
+    with pytest.raises(sandbox.SandboxUnavailableError):
+        run_python("print(6 * 7)")  # untrusted code never runs unconfined by default
+    sandbox.set_allow_basic(True)
+    with caplog.at_level("WARNING", logger="megatron_diffu.execution.sandbox"):
         assert sandbox.sandbox_mode() == "basic"
-    assert "falling back to 'basic' mode" in caplog.text
-    res = run_python("print(6 * 7)")
-    assert res.status == "passed" and res.stdout == "42\n" and res.sandbox_uid is None
+    assert "NOT protected" in caplog.text and "NOT protected" in capsys.readouterr().err
     monkeypatch.setenv("MDIFFU_SANDBOX_MODE", "chroot")
     with pytest.raises(ValueError, match="MDIFFU_SANDBOX_MODE must be 'jail' or 'basic'"):
         sandbox.sandbox_mode()
+
+
+def test_unknown_signal_and_invalid_completions_are_named_failures():
+    res = run_python("import os\nos.kill(os.getpid(), 40)\n")
+    assert res.status == "crashed" and res.error.startswith("crashed: signal 40 (SIGRTMIN+"), res
+    res = run_python("x = '\ud800'\n" + "\ud800")
+    assert res.status == "failed" and res.error.startswith("invalid completion: not UTF-8 encodable"), res
+    res = run_python("x = 1\x00")
+    assert res.status == "failed" and res.error.startswith("invalid completion: contains a NUL"), res
+    res = run_python("print('x' * 5_000_000, end='')", max_output_bytes=1000)
+    assert res.status == "resource_limit", res

@@ -1,4 +1,5 @@
-"""Run untrusted, model-written Python and report what happened.
+"""Run untrusted, model-written Python and report what happened (the outside half; the inside
+half is `launcher.py`, beside this file).
 
 Threat model
 ------------
@@ -74,12 +75,29 @@ from typing import Optional, Sequence
 logger = logging.getLogger(__name__)
 
 STATUSES = ("passed", "failed", "timeout", "crashed", "resource_limit")
-_LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_launcher.py")
+# The launcher runs as a script by path (`python -I -S launcher.py SPEC`), never imported: it
+# needs nothing but the standard library, and no package `__init__` runs in the sandbox's parent.
+LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py")
 _UID_RANGE = (1 << 20, (1 << 31) - 2)  # far from system and human uids; random per run
 
 
 class SandboxSetupError(RuntimeError):
     """The sandbox itself could not be built (not the program's fault): never scored as a fail."""
+
+
+class SandboxUnavailableError(SandboxSetupError):
+    """The jail cannot be built here and 'basic' mode was not asked for: untrusted code does not run."""
+
+
+BASIC_MODE_WARNING = (
+    "sandbox: running untrusted code in 'basic' mode (asked for explicitly). NOT protected in this "
+    "mode: files the program's uid can reach (as a non-root caller: all of YOUR files), the network "
+    "beyond Python's socket module (ctypes/subprocess can open sockets, loopback services are "
+    "reachable), SysV/POSIX IPC, abstract unix sockets, /dev/shm, the session keyring, other "
+    "processes of the same uid (signals), and background processes of a non-root caller that call "
+    "setsid. Protected: rlimits (memory, CPU, file size, open files), wall-clock timeout, output "
+    "caps, minimal environment, /dev/null stdin, the early-exit check, and verdicts judged outside "
+    "the program where a test decomposes. As root it runs only under a fresh uid, never as uid 0.")
 
 
 @dataclass
@@ -110,7 +128,29 @@ class SandboxResult:
 _semaphore_lock = threading.Lock()
 _semaphore = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
 _mode_cache: Optional[str] = None
+_mode_error: Optional[str] = None  # why the jail could not be built (probed once)
 _mode_lock = threading.Lock()
+_allow_basic = False
+_basic_warned = False
+
+
+def set_allow_basic(allow: bool) -> None:
+    """Allow 'basic' mode when the jail cannot be built (the `--allow-basic-sandbox` flag, the
+    GRPO `reward_allow_basic_sandbox` key). Off by default: without a jail untrusted code does not run."""
+    global _allow_basic
+    _allow_basic = bool(allow)
+
+
+def basic_allowed() -> bool:
+    return _allow_basic or os.environ.get("MDIFFU_ALLOW_BASIC_SANDBOX", "") in ("1", "true", "yes")
+
+
+def _warn_basic() -> None:
+    global _basic_warned
+    if not _basic_warned:
+        _basic_warned = True
+        logger.warning(BASIC_MODE_WARNING)
+        print(BASIC_MODE_WARNING, file=sys.stderr, flush=True)
 
 
 def set_max_concurrency(n: int) -> None:
@@ -122,9 +162,18 @@ def set_max_concurrency(n: int) -> None:
         _semaphore = threading.BoundedSemaphore(n)
 
 
-def _python_prefixes() -> list[str]:
-    exe_prefix = os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))
-    found = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, exe_prefix)}
+def _python_prefixes(python: Optional[str] = None) -> list[str]:
+    """Directories the interpreters need inside the jail: each prefix both as spelled (a venv's
+    `bin/python` is a symlink whose venv must be visible at its own path, for pyvenv.cfg) and
+    resolved (where the binary and the stdlib really are)."""
+    found = set()
+    for exe in filter(None, (sys.executable, python)):
+        found.add(os.path.dirname(os.path.dirname(os.path.abspath(exe))))
+        found.add(_prefix_of(exe))
+    for p in (sys.prefix, sys.base_prefix, sys.exec_prefix):
+        found |= {os.path.abspath(p), os.path.realpath(p)}
+    # a prefix inside another one is covered by the outer bind
+    found = {p for p in found if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in found)}
     return sorted(found, key=len)
 
 
@@ -140,32 +189,57 @@ def _unshare_argv() -> list[str]:
 
 
 def sandbox_mode() -> str:
-    """'jail' if namespaces work here (probed once), else 'basic'. MDIFFU_SANDBOX_MODE overrides."""
-    global _mode_cache
+    """'jail' when it can be built here (probed once). Fails closed: if it cannot be built, this
+    raises `SandboxUnavailableError` naming the cause and the fix, unless 'basic' mode was asked
+    for (`set_allow_basic(True)`, MDIFFU_ALLOW_BASIC_SANDBOX=1, or MDIFFU_SANDBOX_MODE=basic)."""
+    global _mode_cache, _mode_error
     forced = os.environ.get("MDIFFU_SANDBOX_MODE")
     if forced:
         if forced not in ("jail", "basic"):
             raise ValueError(f"MDIFFU_SANDBOX_MODE must be 'jail' or 'basic', got {forced!r}")
+        if forced == "basic":
+            _warn_basic()
         return forced
     with _mode_lock:
-        if _mode_cache is None:
-            _mode_cache = _probe_mode()
-    return _mode_cache
+        if _mode_cache is None and _mode_error is None:
+            _mode_error = _probe_jail()
+            _mode_cache = "jail" if _mode_error is None else None
+    if _mode_cache == "jail":
+        return "jail"
+    if basic_allowed():
+        _warn_basic()
+        return "basic"
+    raise SandboxUnavailableError(
+        f"the sandbox's jail cannot be built here: {_mode_error}. Untrusted code is not run without it. "
+        f"Fix: allow namespaces (run as root with CAP_SYS_ADMIN, or enable unprivileged user namespaces: "
+        f"sysctl kernel.unprivileged_userns_clone=1 / user.max_user_namespaces > 0; in a container: "
+        f"--cap-add SYS_ADMIN or a seccomp profile that allows unshare/mount), or, knowing what it does "
+        f"not protect, pass --allow-basic-sandbox (GRPO: reward_allow_basic_sandbox: true).")
 
 
-def _probe_mode() -> str:
-    """Run a trivial program in the jail; any failure means namespaces are not usable here."""
+def kernel_refusal() -> Optional[str]:
+    """Why the kernel refuses the namespaces the jail needs (None when it allows them): runs
+    `unshare` with the jail's namespaces and nothing else. Tests skip on this only."""
+    argv = _unshare_argv() + ["/bin/true"]
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{' '.join(argv)}: {exc}"
+    if proc.returncode != 0:
+        return f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.decode(errors='replace').strip()[:300]}"
+    return None
+
+
+def _probe_jail() -> Optional[str]:
+    """Run a trivial program in the jail: None if it works, else why not."""
     try:
         probe = _run("print('ok')", mode="jail", timeout_s=20.0, memory_mb=512, cpu_s=10, file_size_mb=1,
                      max_procs=8, max_output_bytes=1024, disk_mb=8, no_site=True)
-        ok = probe.status == "passed" and probe.stdout.strip() == "ok"
-        reason = probe.error or probe.stderr[-500:]
+        if probe.status == "passed" and probe.stdout.strip() == "ok":
+            return None
+        return probe.error or probe.stderr[-500:] or probe.status
     except (SandboxSetupError, OSError) as exc:
-        ok, reason = False, str(exc)
-    if not ok:
-        logger.warning("sandbox: namespaces unavailable (%s); falling back to 'basic' mode: "
-                       "files outside the work dir are NOT protected, sockets refused in Python only", reason)
-    return "jail" if ok else "basic"
+        return str(exc)
 
 
 def run_python(
@@ -193,7 +267,12 @@ def run_python(
     """
     if timeout_s <= 0 or memory_mb <= 0:
         raise ValueError(f"timeout_s and memory_mb must be positive, got {timeout_s}, {memory_mb}")
+    invalid = invalid_code(code)
+    if invalid:
+        return SandboxResult("failed", None, "", "", invalid, 0.0)
     mode = mode or sandbox_mode()
+    if mode == "basic":
+        _warn_basic()
     with _semaphore:
         return _run(code, mode=mode, timeout_s=timeout_s, memory_mb=memory_mb,
                     cpu_s=cpu_s if cpu_s is not None else max(1, int(timeout_s + 0.999)),
@@ -213,6 +292,19 @@ def run_many(codes: Sequence[str], max_workers: int = 2, **kwargs) -> list[Sandb
     sandbox_mode()  # probe once, before the threads race for it
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
         return list(pool.map(lambda c: run_python(c, **kwargs), codes))
+
+
+def invalid_code(code: str) -> str:
+    """A named reason why `code` cannot even be handed to an interpreter, or ""."""
+    if not isinstance(code, str):
+        return f"invalid completion: not a string ({type(code).__name__})"
+    try:
+        code.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"invalid completion: not UTF-8 encodable ({exc.reason} at position {exc.start})"
+    if "\x00" in code:
+        return f"invalid completion: contains a NUL character (position {code.index(chr(0))})"
+    return ""
 
 
 class _Capture:
@@ -257,17 +349,23 @@ def _run(code: str, *, mode: str, timeout_s: float, memory_mb: int, cpu_s: int, 
         # interpreter's directories), in basic mode when other users can run the interpreter.
         drop = os.geteuid() == 0 and (jail or (_others_can_run(python) and _others_can_reach(tmp)))
         uid = secrets.randbelow(_UID_RANGE[1] - _UID_RANGE[0]) + _UID_RANGE[0] if drop else None
+        if not jail and os.geteuid() == 0 and uid is None:
+            raise SandboxSetupError(
+                f"basic mode refuses to run untrusted code as uid 0: the interpreter {python} (or the "
+                f"temporary directory {tmp}) is not reachable by an unprivileged uid. Fix: build the jail, "
+                f"or give basic mode a world-runnable interpreter (python=..., e.g. /usr/bin/python3) "
+                f"and a world-traversable TMPDIR")
         if uid is not None and not jail:
             for path in (tmp, program_path):
                 os.chown(path, uid, uid)
-        prefixes = sorted(set(_python_prefixes()) | {_prefix_of(python)}, key=len)
+        prefixes = _python_prefixes(python)
         spec = dict(mode=mode, root_dir=root_dir, program_path=program_path, disk_mb=disk_mb,
                     python_prefixes=prefixes, python=python, uid=uid,
                     cwd="/sandbox" if jail else tmp, env=_minimal_env("/sandbox" if jail else tmp),
                     memory_mb=memory_mb, cpu_s=cpu_s, file_size_mb=file_size_mb, max_open_files=256,
                     max_procs=max_procs if uid is not None else None, no_site=no_site,
                     status_fd=status_w, nonce_fd=nonce_r, done_fd=done_w)
-        argv = [sys.executable, "-I", "-S", _LAUNCHER, json.dumps(spec)]
+        argv = [sys.executable, "-I", "-S", LAUNCHER, json.dumps(spec)]
         if jail:
             argv = _unshare_argv() + argv
         start = time.monotonic()
@@ -394,6 +492,15 @@ def _parse_report(text: str, jail: bool, launcher_rc: Optional[int]) -> dict:
     return report
 
 
+def signal_name(sig: int) -> str:
+    """SIGSEGV, SIGRTMIN+6, or "unknown signal" for numbers this Python does not name."""
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        lo, hi = getattr(signal, "SIGRTMIN", 34), getattr(signal, "SIGRTMAX", 64)
+        return f"SIGRTMIN+{sig - lo}" if lo <= sig <= hi else "unknown signal"
+
+
 def _last_line(stderr: str) -> str:
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
     return lines[-1].strip()[:500] if lines else ""
@@ -415,7 +522,7 @@ def _classify(report: dict, finished: bool, timed_out: bool, overflow: bool, std
         return "resource_limit", returncode, "file size limit exceeded"
     last = _last_line(stderr)
     if sig is not None:
-        return "crashed", returncode, f"killed by signal {signal.Signals(sig).name}" + (f" ({last})" if last else "")
+        return "crashed", returncode, f"crashed: signal {sig} ({signal_name(sig)})" + (f": {last}" if last else "")
     if "File too large" in last:  # Python ignores SIGXFSZ: the write raises EFBIG instead
         return "resource_limit", returncode, f"file size limit exceeded: {last}"
     if last.startswith("MemoryError") or "Cannot allocate memory" in last:

@@ -1,0 +1,25 @@
+"""The one builder of "this rank's model shard": its TP slice and its pipeline stage's layers.
+
+The trainer (training), the reference policy (GRPO), and inference loading (native checkpoints
+and HF folders) all build through `build_model_shard`.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from megatron_diffu.model.config import TransformerConfig
+from megatron_diffu.model.transformer import DiffusionTransformer, pipeline_layer_split
+from megatron_diffu.parallel.state import ProcessGrid
+
+
+def build_model_shard(cfg: TransformerConfig, grid: Optional[ProcessGrid] = None, *,
+                      split: Optional[Sequence[int]] = None, sequence_parallel: bool = False,
+                      device: Any = None, init_weights: bool = True) -> DiffusionTransformer:
+    """The DiffusionTransformer shard of this rank under `grid` (default: one process, all layers).
+
+    `split`: layers per pipeline stage (None = even split); `init_weights=False` skips the
+    random initialisation when every weight is loaded right after."""
+    grid = grid or ProcessGrid.single()
+    return DiffusionTransformer(cfg, grid=grid, pre_process=grid.is_first_stage, post_process=grid.is_last_stage,
+                                layer_ids=pipeline_layer_split(cfg, grid.pp_size, grid.pp_rank, split),
+                                sequence_parallel=sequence_parallel, device=device, init_weights=init_weights)

@@ -1,0 +1,25 @@
+"""Run configs of the diffusion stage: pretraining = the shared sections + `diffusion:`;
+SFT = pretraining's + `sft:` (finetuning is configuration, not a subclass of the stage)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_diffu.data.sft import SFTDataConfig
+from megatron_diffu.diffusion.objective import DiffusionConfig
+from megatron_diffu.stages.run_config import StageRunConfig
+
+
+@dataclass
+class PretrainRunConfig(StageRunConfig):
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+
+@dataclass
+class SFTRunConfig(PretrainRunConfig):
+    sft: SFTDataConfig = field(default_factory=SFTDataConfig)
+
+    def cross_section_problems(self, world_size: int) -> list[str]:
+        e = super().cross_section_problems(world_size)
+        if self.diffusion.attention_mask_annealing_iters:
+            e.append("diffusion.attention_mask_annealing_iters applies to AR adaptation (pretraining), not SFT: set it to 0")
+        return e
