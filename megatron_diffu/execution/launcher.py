@@ -30,6 +30,7 @@ PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_SET_DUMPABLE = 38, 2
 SECBIT_NOROOT, SECBIT_NOROOT_LOCKED = 1, 2
 SYS_KEYCTL = {"x86_64": 250, "aarch64": 219, "ppc64le": 271, "s390x": 280}
 KEYCTL_JOIN_SESSION_KEYRING = 1
+_SPLIT_DEPTH = 3  # how deep `_bind_for_others` looks for a directory others can read
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217}
 
 # Runs in the sandboxed interpreter (`python -I -c RUNNER path nonce_fd done_fd basic`). It reads
@@ -87,6 +88,59 @@ def _bind_ro(src: str, target: str) -> None:
     _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | keep)
 
 
+def _bind_for_others(src: str, dst: str, depth: int = 0) -> None:
+    """Bind `src` read-only at `dst` for a program that runs under a fresh uid with no groups,
+    which only the "other" permission bits let in. A directory that others cannot list and
+    traverse (e.g. a virtual environment made in a `mkdtemp` directory, mode 0700) is not bound
+    as a whole: a fresh 0755 directory takes its place and its entries are bound one by one
+    (symlinks copied), down to `_SPLIT_DEPTH` levels. The host's modes are never changed; a file
+    or a deeper directory that others cannot read stays unreadable, and the launcher names it
+    (`_access_problem`)."""
+    st = os.stat(src)
+    if not os.path.isdir(src) or (st.st_mode & 0o005) == 0o005 or depth >= _SPLIT_DEPTH:
+        if not os.path.exists(dst):
+            open(dst, "w").close()
+        _bind_ro(src, dst)
+        return
+    os.chmod(dst, 0o755)
+    for name in sorted(os.listdir(src)):
+        s, d = os.path.join(src, name), os.path.join(dst, name)
+        if os.path.islink(s):
+            os.symlink(os.readlink(s), d)
+        elif os.path.isdir(s):
+            os.mkdir(d, 0o755)
+            _bind_for_others(s, d, depth + 1)
+        elif os.path.isfile(s):
+            open(d, "w").close()
+            _bind_for_others(s, d, depth + 1)
+        # sockets, fifos, devices inside a Python prefix: not exposed
+
+
+def _access_problem(paths: list) -> str:
+    """As the program's uid, inside the jail: the first directory or file on the way to one of
+    `paths` that it cannot traverse or read, with its mode and owner and the fix; "" if none."""
+    for path in paths:
+        parts = path.strip("/").split("/")
+        for i in range(1, len(parts) + 1):
+            p = "/" + "/".join(parts[:i])
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:
+                break  # not there (an optional path): nothing to diagnose
+            except OSError:
+                continue  # the parent already failed the check below
+            is_dir = os.path.isdir(p) and not os.path.islink(p)
+            last = i == len(parts)
+            need = os.X_OK if is_dir and not last else os.R_OK | (os.X_OK if is_dir else 0)
+            if not os.path.islink(p) and not os.access(p, need):
+                return (f"the jail's program runs under a fresh uid ({os.getuid()}) with no groups, which cannot "
+                        f"{'traverse' if need == os.X_OK else 'read'} {p} (mode {oct(st.st_mode & 0o7777)}, owner "
+                        f"uid {st.st_uid}; needed for {path}). Fix: make it readable by other users "
+                        f"(chmod o+{'x' if need == os.X_OK else 'rx' if is_dir else 'r'} {p}), or use an "
+                        f"interpreter whose files other users can read")
+    return ""
+
+
 def _pivot(new_root: str) -> None:
     os.chdir(new_root)
     nr = SYS_PIVOT_ROOT.get(os.uname().machine)
@@ -135,7 +189,10 @@ def _build_root(spec: dict) -> None:
             raise OSError(f"the Python prefix {prefix} cannot be mapped into the jail (it would cover "
                           f"one of /, /tmp, /proc, /dev, /sandbox)")
         os.makedirs(root + prefix, mode=0o755, exist_ok=True)
-        _bind_ro(prefix, root + prefix)
+        if spec["uid"] is not None:
+            _bind_for_others(prefix, root + prefix)
+        else:  # user-namespace mode: the program has the caller's uid, the caller's permissions
+            _bind_ro(prefix, root + prefix)
         bound.append(prefix)
     # A fresh proc for our pid namespace; hidepid keeps the program from reading pid 1's details.
     try:
@@ -204,7 +261,14 @@ def _exec_program(spec: dict, path: str) -> None:
         # RLIMIT_NPROC counts per uid: it only bites once we are not root any more.
         _drop_privileges(spec["uid"])
         os.chdir(spec["cwd"])
+        if spec["uid"] is not None and spec["mode"] == "jail":
+            problem = _access_problem(spec["needed_paths"])
+            if problem:
+                raise PermissionError(problem)
         os.execve(spec["python"], _program_argv(spec, path), spec["env"])
+    except PermissionError as exc:
+        os.write(2, f"sandbox: could not start the program: PermissionError: {exc}\n".encode())
+        os._exit(125)
     except BaseException as exc:  # noqa: BLE001 - report anything, never run the program half set up
         os.write(2, f"sandbox: could not start the program: {exc!r}\n".encode())
         os._exit(125)

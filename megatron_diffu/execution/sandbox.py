@@ -34,7 +34,14 @@ process by running a probe program):
   count all of the caller's processes).
 - rlimits: address space (`memory_mb`, per process), CPU seconds (SIGXCPU), file size, open
   files, core dumps off. A wall-clock timeout kills the whole process group (`killpg`). No
-  cgroup is used: the worst-case memory of one run is memory_mb x max_procs plus disk_mb.
+  cgroup is used (no writable memory controller here: docs/SANDBOX.md, Memory): the worst-case
+  memory of one run is memory_mb x max_procs plus disk_mb (root callers).
+- Kernel objects: the ipc, net and pid namespaces keep SysV/POSIX IPC, abstract unix sockets,
+  loopback (UDP/TCP, IPv4/IPv6) and signals inside; /dev/shm is on the jail's tmpfs; the program
+  joins a fresh session keyring and, as root, has a fresh uid (its user keyrings are its own).
+- Interpreter files: as root the program's uid has no groups, only "other" bits let it in. A
+  prefix directory others cannot read (mkdtemp's 0700) is replaced by a 0755 directory with its
+  entries bound one by one; a file that stays unreadable fails closed with its path and the fix.
 - stdin is /dev/null; stdout/stderr are read incrementally and the run is killed once either
   exceeds `max_output_bytes`; the environment is a fixed minimal one (no parent variables);
   Python runs isolated (`-I`: no PYTHON* variables, no user site, no cwd on sys.path).
@@ -44,15 +51,20 @@ process by running a probe program):
   Deliberate introspection of the runner's frame could still forge it; that is outside the model.
 - A concurrency limit (process-wide semaphore, `set_max_concurrency`) bounds the machine's load.
 
-Fallback ("basic" mode, when namespaces are unavailable, e.g. a container without
-CAP_SYS_ADMIN; a warning is logged): fresh session + killpg, rlimits, temp working directory,
+Fail closed: when the jail cannot be built, `sandbox_mode()` raises `SandboxUnavailableError`
+(cause + fix) and nothing runs. "basic" mode runs ONLY when asked for (`set_allow_basic(True)`,
+`--allow-basic-sandbox`, GRPO `reward_allow_basic_sandbox`, MDIFFU_ALLOW_BASIC_SANDBOX=1 or
+MDIFFU_SANDBOX_MODE=basic), prints `BASIC_MODE_WARNING`, and as root refuses to run as uid 0.
+Verdicts: the program only reports the candidate's outputs as data where a test decomposes (or is
+replayed) and `problems.judge` decides in the caller (docs/SANDBOX.md); otherwise in-process.
+Basic mode gets: fresh session + killpg, rlimits, temp working directory,
 minimal environment, /dev/null stdin, output caps, the nonce check, and sockets refused by
 patching the `socket` module in the runner. As root, when other users can run the interpreter
 and reach the temp directory, the program still runs under a fresh uid (it cannot signal us or
 write root's files, RLIMIT_NPROC applies, and afterwards `kill -9 -1` run as that uid removes
 every process it left, setsid or not). Otherwise it is best effort only: files are protected
 only by permissions, a program can signal its parent and escape killpg with setsid, and ctypes
-can bypass the socket patch. Force a mode with MDIFFU_SANDBOX_MODE=jail|basic.
+can bypass the socket patch.
 """
 from __future__ import annotations
 
@@ -209,6 +221,10 @@ def sandbox_mode() -> str:
     if basic_allowed():
         _warn_basic()
         return "basic"
+    if "PermissionError" in (_mode_error or "") and "Fix:" in (_mode_error or ""):
+        raise SandboxUnavailableError(  # the namespaces work; a file the program needs is not readable
+            f"the sandbox's jail is built but the program cannot start in it: {_mode_error}. Untrusted code is "
+            f"not run without the jail (or, knowing what it does not protect, pass --allow-basic-sandbox).")
     raise SandboxUnavailableError(
         f"the sandbox's jail cannot be built here: {_mode_error}. Untrusted code is not run without it. "
         f"Fix: allow namespaces (run as root with CAP_SYS_ADMIN, or enable unprivileged user namespaces: "
@@ -237,7 +253,12 @@ def _probe_jail() -> Optional[str]:
                      max_procs=8, max_output_bytes=1024, disk_mb=8, no_site=True)
         if probe.status == "passed" and probe.stdout.strip() == "ok":
             return None
-        return probe.error or probe.stderr[-500:] or probe.status
+        why = probe.error or probe.stderr[-500:] or probe.status
+        if ("Permission denied" in why or "PermissionError" in why) and "Fix:" not in why:
+            why += (f" (the program runs under a fresh unprivileged uid with no groups: the files of the "
+                    f"interpreter under {_python_prefixes()} must be readable by other users. Fix: chmod -R o+rX "
+                    f"on the directory named above)")
+        return why
     except (SandboxSetupError, OSError) as exc:
         return str(exc)
 
@@ -359,8 +380,12 @@ def _run(code: str, *, mode: str, timeout_s: float, memory_mb: int, cpu_s: int, 
             for path in (tmp, program_path):
                 os.chown(path, uid, uid)
         prefixes = _python_prefixes(python)
+        needed = [python, os.path.realpath(python)] + (
+            [os.path.dirname(os.__file__)] if os.path.realpath(python) == os.path.realpath(sys.executable) else [])
+        cfg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(python))), "pyvenv.cfg")
+        needed += [cfg] if os.path.exists(cfg) else []
         spec = dict(mode=mode, root_dir=root_dir, program_path=program_path, disk_mb=disk_mb,
-                    python_prefixes=prefixes, python=python, uid=uid,
+                    python_prefixes=prefixes, needed_paths=needed, python=python, uid=uid,
                     cwd="/sandbox" if jail else tmp, env=_minimal_env("/sandbox" if jail else tmp),
                     memory_mb=memory_mb, cpu_s=cpu_s, file_size_mb=file_size_mb, max_open_files=256,
                     max_procs=max_procs if uid is not None else None, no_site=no_site,

@@ -11,10 +11,18 @@
 - pass_rate = fraction of the problem's test cases that pass, each case a separate program
   (the extracted code + one assert, or + the problem's test program) run in the sandbox with a
   5 s timeout, all cases of all completions spread over `n_workers` parallel workers. It is
-  computed only when format == 1 (0 otherwise, and nothing is executed).
+  computed only when format == 1 (0 otherwise, and nothing is executed). Where a case
+  decomposes (an assert comparing a call with a constant, a stdin/stdout pair) or its check can
+  be replayed, the sandboxed program only reports the candidate's outputs as data and the verdict
+  is decided here (`execution.problems.judge`): a completion cannot make a wrong answer pass by
+  patching builtins, hooks, `__eq__` tricks, forged output or an early exit. Other cases (and a
+  replay that cannot decide) run in-process. The sandbox fails closed: without its jail nothing
+  runs unless `allow_basic_sandbox` (GRPO `reward_allow_basic_sandbox`) asks for basic mode
+  (docs/SANDBOX.md).
 
 The format rule is `megatron_diffu.execution.protocol.single_python_block`, the programs
-`megatron_diffu.execution.problems.test_case_programs`. Problems are
+`megatron_diffu.execution.problems.judged_case_programs` (in-process:
+`test_case_programs`). Problems are
 `megatron_diffu.execution.problems.Problem`s or dicts in the same JSONL format (task_id, prompt,
 tests: list of asserts and/or test: program, entry_point).
 
@@ -30,7 +38,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 from megatron_diffu.execution import sandbox as _sandbox
-from megatron_diffu.execution.problems import Problem, as_problem, judge, judged_case_programs
+from megatron_diffu.execution.problems import (NOT_JUDGED, Problem, as_problem, judge, judged_case_programs,
+                                               test_case_programs)
 from megatron_diffu.execution.protocol import single_python_block
 from megatron_diffu.execution.sandbox import run_many
 
@@ -111,23 +120,34 @@ def pass_rates(completions: Sequence[str], problems: Sequence[Union[Problem, dic
     if len(completions) != len(problems):
         raise ValueError(f"{len(completions)} completions for {len(problems)} problems (need one problem each)")
     cfg = exec_cfg or EXEC
-    jobs: list[tuple[int, str, object]] = []  # (completion index, program, decomposed cases or None)
+    # (completion index, program, decomposed cases or None, the in-process program of that case)
+    jobs: list[tuple[int, str, object, str]] = []
     n_cases = [0] * len(completions)
     for i, (comp, prob) in enumerate(zip(completions, problems)):
         if format_score(comp) != 1.0:
             continue
-        programs = judged_case_programs(as_problem(prob, f"problems[{i}]"), single_python_block(comp))
+        problem, code = as_problem(prob, f"problems[{i}]"), single_python_block(comp)
+        programs = judged_case_programs(problem, code)
         n_cases[i] = len(programs)
-        jobs += [(i, p, cases) for p, cases in programs]
+        jobs += [(i, p, cases, inproc) for (p, cases), inproc in zip(programs, test_case_programs(problem, code))]
     passed = [0] * len(completions)
     if jobs:  # every case of every completion, spread over the workers (results in job order)
         if cfg.allow_basic_sandbox:
             _sandbox.set_allow_basic(True)
-        results = run_many([p for _, p, _ in jobs], max_workers=cfg.n_workers, timeout_s=cfg.timeout_s,
-                           memory_mb=cfg.memory_mb, no_site=cfg.no_site)
-        for (i, _, cases), res in zip(jobs, results):
+        kw = dict(max_workers=cfg.n_workers, timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb, no_site=cfg.no_site)
+        results = run_many([p for _, p, _, _ in jobs], **kw)
+        again = []  # replayed checks that could not decide: those cases run in-process
+        for (i, _, cases, inproc), res in zip(jobs, results):
             # decomposed cases: the program only reported outputs; the verdict is decided here
-            passed[i] += res.passed and (cases is None or judge(cases, res.stdout)[0])
+            if cases is None or not res.passed:
+                passed[i] += res.passed
+                continue
+            ok, why, _ = judge(cases, res.stdout)
+            if why.startswith(NOT_JUDGED):
+                again.append((i, inproc))
+            passed[i] += ok
+        for (i, _), res in zip(again, run_many([p for _, p in again], **kw) if again else []):
+            passed[i] += res.passed
     return [passed[i] / n_cases[i] if n_cases[i] else 0.0 for i in range(len(completions))]
 
 

