@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_diffu.eval.humaneval import load_humaneval  # noqa: E402
 from megatron_diffu.execution import sandbox  # noqa: E402
-from megatron_diffu.execution.problems import build_program, judge, judged_sample_program  # noqa: E402
+from megatron_diffu.execution.problems import build_program  # noqa: E402
+from megatron_diffu.execution.verdicts import judge, judged_sample_program  # noqa: E402
 
 
 def plain(program: str) -> bool:

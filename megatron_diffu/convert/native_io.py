@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem
@@ -27,7 +27,8 @@ from torch.distributed.checkpoint.planner import WriteItem
 from megatron_diffu.common.atomic import atomic_dir, atomic_write_text, fsync_tree
 # The layout's names and the "--load path -> iteration directory" rule are the trainer's (one place).
 from megatron_diffu.training.checkpointing import (MODEL_PREFIX, TRACKER_FILE, CheckpointError,  # noqa: F401
-                                                   iter_dir_name, resolve_checkpoint_dir)
+                                                   check_shard_files, dcp_load_checked, iter_dir_name,
+                                                   read_checkpoint_metadata, resolve_checkpoint_dir)
 
 Producer = Callable[[], torch.Tensor]
 
@@ -91,7 +92,9 @@ class NativeCheckpoint:
         except CheckpointError as e:
             raise CheckpointError(f"{e} (expected a native checkpoint: a training --save directory or one of "
                                   f"its iter_* directories)") from None
-        md = FileSystemReader(str(self.dir)).read_metadata()
+        md = read_checkpoint_metadata(self.dir)
+        # every model shard present and complete before any tensor is converted (names the shard)
+        check_shard_files(self.dir, [k for k in md.state_dict_metadata if k.startswith(MODEL_PREFIX)])
         self.shapes: dict[str, torch.Size] = {}
         self.dtypes: dict[str, torch.dtype] = {}
         for key, item in md.state_dict_metadata.items():
@@ -109,5 +112,5 @@ class NativeCheckpoint:
         if missing:
             raise KeyError(f"{self.dir}: checkpoint lacks model tensor(s) {missing}")
         state = {MODEL_PREFIX + n: torch.empty(self.shapes[n], dtype=self.dtypes[n]) for n in names}
-        dcp.load(state, storage_reader=FileSystemReader(str(self.dir)), no_dist=True)
+        dcp_load_checked(state, self.dir, no_dist=True)
         return {n: state[MODEL_PREFIX + n] for n in names}

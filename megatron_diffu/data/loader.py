@@ -68,7 +68,8 @@ def collate_pretrain(samples: Sequence[Dict[str, object]], unmaskable_ids: Tuple
     """Stack samples into DESIGN.md's micro-batch dict.
 
     ``tokens`` [B, S] long (clean x0); ``sample_index`` [B] long (the noise key); ``maskable``
-    [B, S] bool = not an eod/bos special (docs/ALGORITHMS.md sec. 2: never mask BOS/EOS specials);
+    [B, S] bool = not one of ``unmaskable_ids`` (docs/ALGORITHMS.md sec. 2.2: empty by default, as
+    DiffuLLaMA masks every position; the eod/bos specials with ``diffusion.mask_eod: false``);
     ``dataset_id`` [B] long (blend member, for per-source logging).
     """
     tokens = torch.from_numpy(np.stack([np.asarray(s["tokens"], dtype=np.int64) for s in samples]))
@@ -82,19 +83,22 @@ def collate_pretrain(samples: Sequence[Dict[str, object]], unmaskable_ids: Tuple
 
 
 def unmaskable_ids(tokenizer: Tokenizer) -> Tuple[int, ...]:
-    """Specials never masked in pretraining: eod and (when the vocabulary has one) bos."""
+    """The document-boundary specials: eod and (when the vocabulary has one) bos (never masked in
+    pretraining only with ``diffusion.mask_eod: false``)."""
     ids = [tokenizer.eod_id] + ([tokenizer.bos_id] if tokenizer.bos_id is not None else [])
     return tuple(sorted(set(ids)))
 
 
 def make_data_loader(dataset: PretrainSamples, tokenizer: Tokenizer, consumed_samples: int,
                      micro_batch_size: int, data_parallel_rank: int, data_parallel_size: int,
-                     num_workers: int = 0) -> torch.utils.data.DataLoader:
+                     num_workers: int = 0, unmaskable: Optional[Tuple[int, ...]] = None) -> torch.utils.data.DataLoader:
+    """``unmaskable``: token ids the batches mark not maskable (None: the tokenizer's eod/bos)."""
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size,
                                  data_parallel_rank, data_parallel_size)
+    ids = unmaskable_ids(tokenizer) if unmaskable is None else tuple(unmaskable)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers,
-        collate_fn=functools.partial(collate_pretrain, unmaskable_ids=unmaskable_ids(tokenizer)),
+        collate_fn=functools.partial(collate_pretrain, unmaskable_ids=ids),
         persistent_workers=num_workers > 0,
     )
 

@@ -11,9 +11,14 @@ are moved into place with ``common.atomic.AtomicFiles`` (an existing ``.idx`` is
 and the new one moved last, so no moment pairs an old index with a new ``.bin``).  Ctrl-C, SIGTERM or an error remove the temporary
 directory and leave no ``.bin``/``.idx`` a later run could load.
 
-Bad input (malformed JSON line, missing key, non-string value, non-UTF-8 bytes, empty document,
-unreadable file) raises :class:`InputError` naming the file and line / byte offset; with
-``skip_bad`` it is skipped, counted and listed in the summary.
+Bad input (malformed JSON line, missing key, non-string value, non-UTF-8 bytes, unreadable file)
+raises :class:`InputError` naming the file and line / byte offset; with ``skip_bad`` it is skipped,
+counted and listed in the summary.
+
+An empty document (an empty ``__init__.py``, ``{"text": ""}``) is not an error: it is kept as
+Megatron-LM's ``tools/preprocess_data.py`` keeps it, a document with no sequence (its
+``add_document([], [])``: no tokens, no EOD even with ``--append-eod``, one more document index), so
+the ``.bin``/``.idx`` stay byte-identical to Megatron's on any corpus; the summary counts them.
 """
 from __future__ import annotations
 
@@ -86,6 +91,7 @@ class ChunkResult:
     tokens: int = 0
     nbytes: int = 0
     skipped: List[Tuple[str, str]] = field(default_factory=list)  # (location, reason)
+    empty: int = 0  # documents kept with no tokens (Megatron's empty documents), counted over the keys
 
 
 @dataclass
@@ -97,6 +103,7 @@ class Summary:
     seconds: float
     skipped: List[Tuple[str, str]]
     startup_seconds: float = 0.0  # imports and tokenizer load, before the first chunk
+    empty: int = 0  # empty documents kept (no tokens, as Megatron-LM keeps them)
 
     def format(self) -> str:
         work = max(self.seconds - self.startup_seconds, 1e-9)
@@ -105,6 +112,8 @@ class Summary:
                  f"{self.nbytes / 1e6 / work:.2f} MB/s after start-up)"]
         for key, prefix in self.outputs.items():
             lines.append(f"  {key}: {prefix}.bin / {prefix}.idx")
+        lines.append(f"empty documents kept: {self.empty} (no tokens and no EOD, as Megatron-LM's "
+                     f"preprocess_data.py keeps them)")
         if self.skipped:
             reasons = Counter(reason.split(":")[0] for _, reason in self.skipped)
             lines.append(f"skipped {len(self.skipped)} inputs: " +
@@ -324,10 +333,6 @@ def process_chunk(chunk: Chunk, cfg: PreprocessConfig, tok: Tokenizer, tmpdir: s
             _bad(result, cfg, where, error)
             continue
         assert texts is not None
-        empty = [k for k, t in texts.items() if not t]
-        if empty:
-            _bad(result, cfg, where, f"empty document: key {empty[0]!r} is an empty string")
-            continue
         good.append(texts)
         result.nbytes += sum(len(t.encode("utf-8")) for t in texts.values())
     dtype = token_dtype(tok.vocab_size)
@@ -335,6 +340,10 @@ def process_chunk(chunk: Chunk, cfg: PreprocessConfig, tok: Tokenizer, tmpdir: s
         encoded = tok.encode_batch([t[key] for t in good])
         builder = IndexedDatasetBuilder(get_bin_path(result.prefixes[key]), dtype=dtype)
         for ids in encoded:
+            if not ids:  # Megatron: no sequence, no EOD, the document index still advances
+                builder.add_document(np.asarray([], dtype=dtype), [])
+                result.empty += 1
+                continue
             if cfg.append_eod:
                 ids.append(tok.eod_id)
             builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
@@ -409,6 +418,7 @@ def run_preprocess(cfg: PreprocessConfig) -> Summary:
         progress = progress_reporter(sum(sizes.values()), cfg.log_interval)
         nbytes = 0
         skipped: List[Tuple[str, str]] = []
+        empty = 0
         if cfg.workers == 1:
             results = (process_chunk(c, cfg, tok, tmpdir) for c in chunks)
         else:
@@ -417,6 +427,7 @@ def run_preprocess(cfg: PreprocessConfig) -> Summary:
         for res in results:
             _merge(builders, res)
             skipped.extend(res.skipped)
+            empty += res.empty
             nbytes += res.nbytes
             progress.update(sizes[res.index], force=res.index == len(chunks) - 1, docs=res.documents, tokens=res.tokens)
         if pool is not None:
@@ -424,7 +435,7 @@ def run_preprocess(cfg: PreprocessConfig) -> Summary:
             pool = None
         _finalize(builders, finals, tmpdir)
         return Summary(finals, progress.counts["docs"], progress.counts["tokens"], nbytes, time.monotonic() - t0,
-                       skipped, progress.start - t0)
+                       skipped, progress.start - t0, empty=empty)
     finally:
         if pool is not None:
             _kill_pool(pool)

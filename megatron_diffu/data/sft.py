@@ -22,9 +22,12 @@ docs/ALGORITHMS.md sec. 3. Pipeline:
    attended, not maskable, dropped in bucketed mode) and `sft_tail_cut_prob` (with that
    probability a micro-batch keeps only a random amount of its trailing padding), both keyed by
    (seed, first sample index of the micro-batch). Packed rows get a [B, 1, S, S] block-diagonal
-   attention mask, position ids restarting at 0 per conversation and `segment_ids`; the fill
-   padding at the end of a packed row is its own segment and is not maskable (a pad block with no
-   conversation teaches nothing about stopping).
+   attention mask, position ids restarting at 0 per conversation and `segment_ids`. Each packed
+   conversation is followed by `sft_pack_pad_tokens` pad tokens in its own segment, maskable and
+   counted, like the padding after an unpacked response (the packing plan reserves them); 0 is
+   the earlier layout (no padding learned between packed conversations). The fill padding at the
+   end of a packed row is its own segment and is not maskable (a pad block with no conversation
+   teaches nothing about stopping).
 
 The micro-batch dict follows DESIGN.md ("Micro-batches"): `tokens`, `sample_index`, `maskable`,
 optional `attention_mask`, `position_ids`, `segment_ids`; plus `response_mask` (the response
@@ -234,10 +237,12 @@ class SFTDataConfig(SectionConfig):
     """
 
     sft_pack: bool = False  # pack several short conversations per row (block-diagonal attention)
+    sft_pack_pad_tokens: int = 64  # packed: maskable pad tokens after each conversation (0: none, the earlier rows)
     sft_length_buckets: list[int] = field(default_factory=list)  # [] = pad to seq_length
     sft_response_cutoff: bool = False  # cut padding beyond the micro-batch's longest conversation
     sft_tail_cut_prob: float = 0.0  # probability of keeping only a random part of the trailing padding
     sft_loss_normalization: str = "token"  # token: per response token | sequence: per sequence, then mean
+    #                                        | masked: per masked token of each micro-batch (Dream's SFT; sec. 3.3)
     sft_valid_data_path: Optional[str] = None  # held-out SFT prefix (tools/preprocess_sft.py output)
     sft_valid_fraction: float = 0.0  # seeded held-out fraction of data_path when no sft_valid_data_path
     sft_eval_humaneval_interval: int = 0  # 0 = never; else HumanEval pass@1 every N iterations
@@ -248,10 +253,12 @@ class SFTDataConfig(SectionConfig):
         e = []
         if any(b <= 0 for b in self.sft_length_buckets) or list(self.sft_length_buckets) != sorted(self.sft_length_buckets):
             e.append(f"sft.sft_length_buckets={self.sft_length_buckets} must be increasing positive lengths")
+        if self.sft_pack_pad_tokens < 0:
+            e.append(f"sft.sft_pack_pad_tokens={self.sft_pack_pad_tokens} must be >= 0")
         if not 0.0 <= self.sft_tail_cut_prob <= 1.0:
             e.append(f"sft.sft_tail_cut_prob={self.sft_tail_cut_prob} must be in [0, 1]")
-        if self.sft_loss_normalization not in ("token", "sequence"):
-            e.append(f"sft.sft_loss_normalization={self.sft_loss_normalization!r}: choose token or sequence")
+        if self.sft_loss_normalization not in ("token", "sequence", "masked"):
+            e.append(f"sft.sft_loss_normalization={self.sft_loss_normalization!r}: choose token, sequence or masked")
         if not 0.0 <= self.sft_valid_fraction < 1.0:
             e.append(f"sft.sft_valid_fraction={self.sft_valid_fraction} must be in [0, 1)")
         return e
@@ -287,7 +294,7 @@ class SFTDataset:
     """
 
     def __init__(self, convs: SFTConversations, seq_length: int, seed: int, pack: bool = False,
-                 indices: Optional[np.ndarray] = None) -> None:
+                 indices: Optional[np.ndarray] = None, pack_pad_tokens: int = 0) -> None:
         self.convs = convs
         self.seq_length = int(seq_length)
         self.seed = int(seed)
@@ -296,7 +303,8 @@ class SFTDataset:
             raise ValueError("SFT dataset split is empty: give more conversations or a smaller sft_valid_fraction")
         if pack:
             order = ids[_rng(self.seed, 0, _PACK_ORDER).permutation(len(ids))]
-            self.rows = pack_plan(convs.lengths, order, self.seq_length)
+            # each conversation takes its length + the pad tokens that follow it (SFTCollator)
+            self.rows = pack_plan(np.asarray(convs.lengths) + int(pack_pad_tokens), order, self.seq_length)
         else:
             self.rows = [[int(i)] for i in ids]
         self._perm_cache: dict[int, np.ndarray] = {}
@@ -356,7 +364,8 @@ class SFTCollator:
 
     def __call__(self, rows: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], sample_index: Sequence[int]) -> dict:
         packed = any(len(r) > 1 for r in rows) or self.cfg.sft_pack
-        lens = [min(sum(len(c[0]) for c in r), self.seq_length) for r in rows]
+        pad_after = self.cfg.sft_pack_pad_tokens if packed else 0
+        lens = [min(sum(len(c[0]) + pad_after for c in r), self.seq_length) for r in rows]
         longest = max(lens)
         length = self._length(longest)
         cut = self._cut(longest, length, int(sample_index[0]))
@@ -398,6 +407,12 @@ class SFTCollator:
             segment[at: at + n] = s
             position[at: at + n] = torch.arange(n)
             at += n
+            if packed and n == len(ids):  # the conversation's own padding: maskable, its segment
+                k = min(self.cfg.sft_pack_pad_tokens, length - at)
+                maskable[at: at + k] = True
+                segment[at: at + k] = s
+                position[at: at + k] = torch.arange(n, n + k)
+                at += k
         if at < length:
             if packed:  # fill padding: its own segment, not maskable
                 segment[at:] = len(row)

@@ -275,6 +275,70 @@ def _dream_compatible(spec: Dict[str, Any]) -> Dict[str, Any]:
     return spec
 
 
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+QWEN25_CHAT_TEMPLATE_FILE = os.path.join(ASSETS_DIR, "qwen2.5_chat_template.jinja")
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def qwen25_chat_template() -> str:
+    """Qwen2.5's ChatML chat template (the one Dream/DiffuCoder instruct models use), verbatim."""
+    with open(QWEN25_CHAT_TEMPLATE_FILE, "r", encoding="utf-8") as f:
+        return f.read().rstrip("\n")
+
+
+def hf_tokenizer_files(tok: "HuggingFaceTokenizer", model_max_length: int = 131072,
+                       chat_template: Optional[str] = None) -> Dict[str, str]:
+    """The four Hugging Face tokenizer files of ``tok``, built from the one ``tokenizers`` object, so
+    they agree by construction: ``tokenizer.json`` (this Dream-compatible view), ``tokenizer_config.json``
+    (``added_tokens_decoder`` = every added token; bos ``<|beginoftext|>``, eos ``<|endoftext|>`` (= eod),
+    pad ``<|dlm_pad|>``, mask ``<|mask|>`` as in Dream/DiffuCoder; Qwen2.5's ChatML template unless
+    ``chat_template`` is given), ``special_tokens_map.json`` and ``added_tokens.json``.
+
+    ``AutoTokenizer.from_pretrained(folder)`` then names mask/pad/bos/eos and decodes every id like we do.
+    """
+    decoder = tok._tok.get_added_tokens_decoder()  # noqa: SLF001 - {id: AddedToken}
+
+    def entry(t) -> Dict[str, Any]:
+        return {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                "single_word": t.single_word, "special": t.special}
+
+    named = {"bos_token": tok.bos_id, "eos_token": tok.eod_id, "pad_token": tok.pad_id, "mask_token": tok.mask_id}
+    named_tokens = {k: (tok.id_to_token(v) if v is not None else None) for k, v in named.items()}
+    extra = [decoder[i].content for i in sorted(decoder)
+             if decoder[i].special and decoder[i].content not in named_tokens.values()]
+    config: Dict[str, Any] = {
+        "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
+        "added_tokens_decoder": {str(i): entry(decoder[i]) for i in sorted(decoder)},
+        "additional_special_tokens": extra,
+        **named_tokens,
+        "chat_template": chat_template if chat_template is not None else qwen25_chat_template(),
+        "clean_up_tokenization_spaces": False, "errors": "replace", "model_max_length": int(model_max_length),
+        "padding_side": "left",  # diffusion_generate takes left-padded batches
+        "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
+    }
+    special_map: Dict[str, Any] = {"additional_special_tokens": extra}
+    for k, content in named_tokens.items():
+        if content is not None:
+            special_map[k] = {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
+                              "single_word": False}
+    added = {decoder[i].content: i for i in sorted(decoder)}
+    return {"tokenizer.json": tok._tok.to_str(),  # noqa: SLF001
+            "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+            "special_tokens_map.json": json.dumps(special_map, indent=2, ensure_ascii=False) + "\n",
+            "added_tokens.json": json.dumps(added, indent=2, ensure_ascii=False) + "\n"}
+
+
+def write_hf_tokenizer_files(tok: "HuggingFaceTokenizer", out_dir: str, model_max_length: int = 131072,
+                             chat_template: Optional[str] = None) -> List[str]:
+    """Write `hf_tokenizer_files(tok)` into ``out_dir``; returns the file names written."""
+    os.makedirs(out_dir, exist_ok=True)
+    files = hf_tokenizer_files(tok, model_max_length, chat_template)
+    for name, text in files.items():
+        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+            f.write(text)
+    return list(files)
+
+
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece ``.model``; missing markers are appended after the SentencePiece ids.
 

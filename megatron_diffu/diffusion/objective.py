@@ -6,7 +6,8 @@ For a clean sequence x0 of length L (one row of a micro-batch):
    batch are stratified: t_b = eps + (1 - eps) * ((u + b / G) mod 1), G = global batch size,
    b = sample_index mod G, u keyed by the global batch number sample_index // G.
 2. Every maskable token is replaced by the mask token independently with probability t. Never
-   masked: positions outside `maskable` (eod/bos specials, prompts in SFT, truncated tails) and,
+   masked: positions outside `maskable` (prompts in SFT, truncated tails, eod/bos only with
+   `mask_eod: false`), `never_mask_token_ids`, and,
    with the logit shift on, position 0 (nothing predicts it: docs/ALGORITHMS.md sec. 1). A row that
    drew no masked token gets one (its maskable position with the smallest draw).
 3. ~`random_truncation_prob` of the sequences are cut to a random length in
@@ -14,7 +15,8 @@ For a clean sequence x0 of length L (one row of a micro-batch):
 4. loss = sum_{masked n} w_n * CE(logits_n, x0_n) / normaliser, w_n = 1/t (`inverse_t`, the ELBO
    weight) or CART (`cart`: w_n = 1/2 sum_{i != n, x_t^i unmasked} p (1-p)^(|n-i|-1)) or 1
    (`none`). The normaliser is the token count B*L (the stage passes the *global* batch's count
-   so micro-batch losses add up to the global-batch loss).
+   so micro-batch losses add up to the global-batch loss), or with `loss_normalization: masked`
+   (DiffuLLaMA) the micro-batch's masked count times the number of micro-batches of the step.
 
 The logits come from `model(x_t, ..., logit_positions=masked)`: the head computes [N, V/tp]
 logits of the masked *target* positions only (the shift lives inside the head), and the
@@ -42,6 +44,7 @@ from megatron_diffu.common.seeding import noise_seed
 from megatron_diffu.config import SectionConfig
 
 LOSS_WEIGHTINGS = ("inverse_t", "cart", "none")
+LOSS_NORMALIZATIONS = ("position", "masked")
 
 
 # ------------------------------------------------------------------------------------- config
@@ -57,7 +60,9 @@ class DiffusionConfig(SectionConfig):
     random_truncation_prob: float = 0.01  # fraction of sequences cut to a random length
     min_truncation_length: int = 2
     attention_mask_annealing_iters: int = 0  # 0: bidirectional from the start
-    never_mask_token_ids: list[int] = field(default_factory=list)  # besides eod/bos (added at start-up)
+    never_mask_token_ids: list[int] = field(default_factory=list)  # never masked, in every batch (sec. 2.2)
+    mask_eod: bool = True  # eod/bos maskable like any token (DiffuLLaMA); False: never masked (sec. 2.2)
+    loss_normalization: str = "position"  # position (gbs * S: ELBO per token) | masked (DiffuLLaMA; sec. 2.4)
     eval_mc_samples: int = 4  # Monte-Carlo draws per sequence for the ELBO validation metric
     eval_noise_seed: int = 20260101  # fixed: the validation metric is comparable across runs
 
@@ -74,6 +79,8 @@ class DiffusionConfig(SectionConfig):
             e.append(f"diffusion.random_truncation_prob={self.random_truncation_prob} must be in [0, 1]")
         if self.min_truncation_length < 1:
             e.append(f"diffusion.min_truncation_length={self.min_truncation_length} must be >= 1")
+        if self.loss_normalization not in LOSS_NORMALIZATIONS:
+            e.append(f"diffusion.loss_normalization={self.loss_normalization!r}: choose one of {LOSS_NORMALIZATIONS}")
         if self.attention_mask_annealing_iters < 0:
             e.append(f"diffusion.attention_mask_annealing_iters={self.attention_mask_annealing_iters} must be >= 0")
         if self.eval_mc_samples < 1:
@@ -208,6 +215,23 @@ def default_maskable(tokens: torch.Tensor, special_ids: list[int]) -> torch.Tens
     return maskable
 
 
+def batch_maskable(batch: dict, cfg: DiffusionConfig, special_ids: Optional[list[int]] = None) -> torch.Tensor:
+    """[B, S] bool: the batch's own `maskable` (else every token but `special_ids`), minus
+    `cfg.never_mask_token_ids` (applied to every batch, whatever made its `maskable`) and the
+    batch's [B, S] padding."""
+    tokens = batch["tokens"]
+    maskable = batch.get("maskable")
+    if maskable is None:
+        maskable = default_maskable(tokens, list(special_ids or []))
+    never = list(cfg.never_mask_token_ids)
+    if never:
+        maskable = maskable & ~torch.isin(tokens, torch.tensor(never, dtype=tokens.dtype, device=tokens.device))
+    pad = batch.get("attention_mask")
+    if pad is not None and pad.dim() == 2:
+        maskable = maskable & pad.bool()
+    return maskable
+
+
 def _combine_masks(padding: Optional[torch.Tensor], structured: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """AND a [B, S] padding mask into a [B, 1, S, S] mask (queries on padding keep their diagonal
     so no softmax row is empty); either may be None."""
@@ -230,12 +254,8 @@ def prepare_inputs(batch: dict, cfg: DiffusionConfig, *, seed: int, mask_token_i
     `position_ids`) into the model inputs and the loss's targets/weights."""
     tokens = batch["tokens"]
     device = tokens.device
-    maskable = batch.get("maskable")
-    if maskable is None:
-        maskable = default_maskable(tokens, list(special_ids or []) + list(cfg.never_mask_token_ids))
+    maskable = batch_maskable(batch, cfg, special_ids)
     pad = batch.get("attention_mask")
-    if pad is not None and pad.dim() == 2:
-        maskable = maskable & pad.bool()
     noise = sample_noise(batch["sample_index"].cpu(), maskable.cpu(), cfg, seed, purpose, stratify_group,
                          truncation, logit_shift)
     if t_override is not None:  # ELBO: stratified MC t chosen by the caller, mask redrawn from it
@@ -333,13 +353,7 @@ def elbo_metrics(nll_sum: float, tokens: float) -> dict[str, float]:
 
 def predictable_count(batch: dict, special_ids: list[int], logit_shift: bool, cfg: DiffusionConfig) -> int:
     """Tokens the ELBO covers: maskable ones (and not position 0 under the shift)."""
-    tokens = batch["tokens"]
-    maskable = batch.get("maskable")
-    if maskable is None:
-        maskable = default_maskable(tokens, list(special_ids) + list(cfg.never_mask_token_ids))
-    pad = batch.get("attention_mask")
-    if pad is not None and pad.dim() == 2:
-        maskable = maskable & pad.bool()
+    maskable = batch_maskable(batch, cfg, special_ids)
     if logit_shift:
         maskable = maskable.clone()
         maskable[:, 0] = False

@@ -36,13 +36,17 @@ Decisions beyond Dream (documented here because callers depend on them):
 * **Blocks** (``block_length``): the N new tokens form ``N / block_length`` blocks decoded left
   to right, ``steps / num_blocks`` steps each with its own ``linspace(1, eps, .)`` schedule; only
   the current block's masks are candidates and counted (LLaDA's semi-AR rule).
-* **Threshold** (Fast-dLLM parallel decoding): instead of the schedule's k, a step reveals every
-  candidate whose chosen token has probability > ``threshold`` (Fast-dLLM's criterion, so the
-  threshold is a probability whatever the alg) and at least the candidate with the highest alg
-  confidence; a block ends as soon as it has no masks, and its last allotted step reveals
-  everything left, so ``steps`` stays an upper bound on forward passes. ``threshold > 1`` is
-  therefore exactly one token per step (top-1 by the alg's confidence). Not allowed with
-  ``origin`` or ``alg_temp > 0``.
+* **Threshold** (Fast-dLLM parallel decoding), ``threshold_rule``:
+  ``fast_dllm`` (default; NVlabs/Fast-dLLM ``get_transfer_index`` with a threshold): a step
+  reveals every candidate whose chosen token has probability >= ``threshold``, plus the
+  candidate of highest chosen-token probability (at least one per step); a block runs until it
+  has no masks, whatever ``steps`` says (at most ``block_length`` steps: the last of those
+  reveals everything left, which only matters when mask tokens are drawn).
+  ``alg_confidence`` (the earlier rule): probability > ``threshold`` plus the candidate with the
+  highest *alg* confidence, within the block's ``steps / num_blocks`` steps (the last reveals
+  everything left, so ``steps`` bounds the forward passes).
+  The threshold is a probability whatever the alg; ``threshold > 1`` is one token per step. Not
+  allowed with ``origin`` or ``alg_temp > 0``.
 * **Cache** (``use_cache``, Fast-dLLM prefix cache, approximate): at the first step of every
   block one full forward also returns the keys/values; the next steps of that block run only
   positions ``[block_start - 1, L)`` with the keys/values of ``[0, block_start - 1)`` as
@@ -73,6 +77,7 @@ from megatron_diffu.common.seeding import sampler_row_seed
 from megatron_diffu.config import SectionConfig
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+THRESHOLD_RULES = ("fast_dllm", "alg_confidence")
 
 LogitsHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 TokensHook = Callable[[Optional[int], torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
@@ -92,6 +97,7 @@ class SamplingConfig(SectionConfig):
     eps: float = 1e-3
     block_length: Optional[int] = None
     threshold: Optional[float] = None
+    threshold_rule: str = "fast_dllm"  # fast_dllm (p >= threshold + most probable) | alg_confidence
     use_cache: bool = False
     seed: int = 0
 
@@ -121,6 +127,8 @@ class SamplingConfig(SectionConfig):
                 if self.steps % nb:
                     errors.append(f"steps={self.steps}: must be a multiple of the number of blocks "
                                   f"max_new_tokens/block_length = {nb}")
+        if self.threshold_rule not in THRESHOLD_RULES:
+            errors.append(f"threshold_rule={self.threshold_rule!r}: choose one of {', '.join(THRESHOLD_RULES)}")
         if self.threshold is not None:
             if self.alg == "origin":
                 errors.append("threshold: needs a confidence, so alg must be maskgit_plus, topk_margin or entropy (not origin)")
@@ -274,6 +282,10 @@ def _reveal_row(probs: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator, 
     if cfg.threshold is not None:
         if last:
             chosen = torch.arange(n, device=probs.device)
+        elif cfg.threshold_rule == "fast_dllm":
+            above = p_tok >= cfg.threshold
+            above[p_tok.argmax()] = True  # the most probable token: at least one per step
+            chosen = above.nonzero().squeeze(-1)
         else:
             above = p_tok > cfg.threshold
             above[conf.argmax()] = True  # at least one token per step
@@ -449,6 +461,8 @@ def diffusion_generate(model: Any, prompts: Sequence[Sequence[int]], cfg: Sampli
         x = tokens_hook(None, x, None)
     block_len = cfg.block_length or N
     steps_per_block = cfg.steps // cfg.num_blocks
+    if cfg.threshold is not None and cfg.threshold_rule == "fast_dllm":
+        steps_per_block = block_len  # Fast-dLLM: until the block is full (>= 1 token per step)
     step = 0
     for blk in range(cfg.num_blocks):
         lo, hi = P + blk * block_len, P + (blk + 1) * block_len

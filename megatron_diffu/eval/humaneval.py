@@ -24,8 +24,9 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 from megatron_diffu.common.atomic import atomic_write_bytes, atomic_write_json
 from megatron_diffu.common.progress import Progress
 from megatron_diffu.eval.passk import aggregate_pass_at_k
-from megatron_diffu.execution.problems import (NOT_JUDGED, Problem, ProblemFormatError, build_program, humaneval_path,
-                                               judge, judged_sample_program, load_problems, read_jsonl)
+from megatron_diffu.execution.problems import (Problem, ProblemFormatError, build_program, humaneval_path,
+                                               load_problems, read_jsonl)
+from megatron_diffu.execution.verdicts import NOT_JUDGED, judge, judged_sample_program
 from megatron_diffu.execution.sandbox import SandboxResult, SandboxSetupError, run_python, sandbox_mode
 
 __all__ = ["DEFAULT_TIMEOUT_S", "Problem", "ProblemFormatError", "Progress", "build_program", "evaluate_samples",

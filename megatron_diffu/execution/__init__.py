@@ -7,6 +7,9 @@ else from megatron_diffu, and no torch), used by `eval/`, `rl/` and `data/`.
 - `problems.py`: `Problem`, the problem file format (`read_jsonl`, `problem_from_record`,
   `load_problems`, `humaneval_path`) and the programs that test a solution (`build_program` for an
   evaluation sample, `test_case_programs` for a graded pass rate).
+- `verdicts.py` (+ `cases.py`, `replay.py`): verdicts decided outside the untrusted process: tests
+  decomposed into data-only cases on the trusted side (`cases.py`), checks that do not decompose
+  replayed there (`replay.py`), the programs the sandbox runs for them and `judge`.
 - `protocol.py`: the instruct prompt (`instruct_prompt`, `instruct_messages`) and reading the code
   back from an answer (`extract_code` for evaluation, `single_python_block` for the RL format rule).
 """

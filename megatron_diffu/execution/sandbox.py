@@ -56,7 +56,7 @@ Fail closed: when the jail cannot be built, `sandbox_mode()` raises `SandboxUnav
 `--allow-basic-sandbox`, GRPO `reward_allow_basic_sandbox`, MDIFFU_ALLOW_BASIC_SANDBOX=1 or
 MDIFFU_SANDBOX_MODE=basic), prints `BASIC_MODE_WARNING`, and as root refuses to run as uid 0.
 Verdicts: the program only reports the candidate's outputs as data where a test decomposes (or is
-replayed) and `problems.judge` decides in the caller (docs/SANDBOX.md); otherwise in-process.
+replayed) and `verdicts.judge` decides in the caller (docs/SANDBOX.md); otherwise in-process.
 Basic mode gets: fresh session + killpg, rlimits, temp working directory,
 minimal environment, /dev/null stdin, output caps, the nonce check, and sockets refused by
 patching the `socket` module in the runner. As root, when other users can run the interpreter

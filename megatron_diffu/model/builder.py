@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from megatron_diffu.model.config import TransformerConfig
+from megatron_diffu.model.fp8 import Fp8Recipe, enable_fp8
 from megatron_diffu.model.transformer import DiffusionTransformer, pipeline_layer_split
 from megatron_diffu.parallel.state import ProcessGrid
 
@@ -20,6 +21,11 @@ def build_model_shard(cfg: TransformerConfig, grid: Optional[ProcessGrid] = None
     `split`: layers per pipeline stage (None = even split); `init_weights=False` skips the
     random initialisation when every weight is loaded right after."""
     grid = grid or ProcessGrid.single()
-    return DiffusionTransformer(cfg, grid=grid, pre_process=grid.is_first_stage, post_process=grid.is_last_stage,
-                                layer_ids=pipeline_layer_split(cfg, grid.pp_size, grid.pp_rank, split),
-                                sequence_parallel=sequence_parallel, device=device, init_weights=init_weights)
+    model = DiffusionTransformer(cfg, grid=grid, pre_process=grid.is_first_stage, post_process=grid.is_last_stage,
+                                 layer_ids=pipeline_layer_split(cfg, grid.pp_size, grid.pp_rank, split),
+                                 sequence_parallel=sequence_parallel, device=device, init_weights=init_weights)
+    if cfg.fp8_format is not None and cfg.transformer_impl == "local":
+        # torch-native FP8 linears; the amax of a TP-sharded tensor is shared over the TP group
+        enable_fp8(model, Fp8Recipe(cfg.fp8_format, cfg.fp8_margin, min(cfg.fp8_amax_history_len, 16),
+                                    amax_group=grid.tp_group))
+    return model

@@ -126,9 +126,8 @@ class TransformerConfig(SectionConfig):
             e.append(f"recompute_num_layers={self.recompute_num_layers} must be >= 0")
         if self.fp8_format not in FP8_FORMATS:
             e.append(f"fp8_format={self.fp8_format!r}: choose one of {FP8_FORMATS}")
-        if self.fp8_format is not None and self.transformer_impl != "transformer_engine":
-            e.append(f"fp8_format={self.fp8_format!r} needs transformer_impl='transformer_engine' "
-                     f"(--transformer-impl transformer_engine)")
+        # fp8_format with transformer_impl='local': the torch-native FP8 linears (model/fp8.py,
+        # torch._scaled_mm on Hopper-class GPUs; emulated in fp32 on CPU)
         return e
 
     def _split_errors(self, tp: int, pp: int) -> list[str]:

@@ -60,6 +60,13 @@ def fp8_context(cfg: TransformerConfig, amax_group=None):
     return autocast(enabled=True, fp8_recipe=fp8_recipe(cfg), fp8_group=amax_group)
 
 
+def te_checkpoint(layer, *args):
+    """Activation recompute of a TE layer with TE's checkpoint (FP8-aware: the recompute runs under
+    the same fp8_autocast state and amax/scale bookkeeping as the forward)."""
+    te = import_te()
+    return te.checkpoint(layer, *args, use_reentrant=False)
+
+
 def _mark(p: torch.Tensor, sequence_parallel: bool = False) -> None:
     p.sequence_parallel = sequence_parallel
 

@@ -360,6 +360,15 @@ class DiffusionTransformer(nn.Module):
         n = self.cfg.recompute_num_layers
         return n is None or index < n
 
+    def _recompute(self, layer, *args):
+        """Full recompute of one layer: Transformer Engine layers go through TE's checkpoint, which
+        replays the forward inside the FP8 context and its scaling state (torch's would recompute
+        outside fp8_autocast); the local layers through torch.utils.checkpoint."""
+        if self.cfg.transformer_impl == "transformer_engine":
+            from .te_backend import te_checkpoint
+            return te_checkpoint(layer, *args)
+        return checkpoint(layer, *args, use_reentrant=False)
+
     def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, logit_positions: Optional[torch.Tensor] = None,
                 prefix_kv: Optional[Sequence[KV]] = None, return_kv: bool = False,
@@ -387,7 +396,7 @@ class DiffusionTransformer(nn.Module):
             for index, layer in enumerate(self.decoder.layers.values()):
                 pkv = prefix_kv[index] if prefix_kv is not None else None
                 if self._use_full_recompute(index):
-                    x, kv = checkpoint(layer, x, mask, cos, sin, pkv, use_reentrant=False)
+                    x, kv = self._recompute(layer, x, mask, cos, sin, pkv)
                 else:
                     x, kv = layer(x, mask, cos, sin, pkv)
                 kvs.append(kv)

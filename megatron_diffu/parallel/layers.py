@@ -196,6 +196,12 @@ def _param(global_shape, shard_dim, tp, dtype, device) -> nn.Parameter:
     return p
 
 
+def _linear(module: nn.Module, x, w, b=None):
+    """F.linear, or the module's torch-native FP8 linear (model/fp8.py `enable_fp8`) when attached."""
+    fp8 = getattr(module, "fp8", None)
+    return F.linear(x, w, b) if fp8 is None else fp8.linear(x, w, b)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T (+ b) with the output features split over TP ranks.
 
@@ -226,7 +232,7 @@ class ColumnParallelLinear(nn.Module):
             x = copy_to_tensor_parallel_region(x, self.tp_group)
         w = self.weight if weight is None else weight
         b = None if self.bias is None else self.bias.reshape(-1)
-        y = F.linear(x, w.reshape(-1, w.shape[-1]), b)
+        y = _linear(self, x, w.reshape(-1, w.shape[-1]), b)
         return gather_from_tensor_parallel_region(y, self.tp_group) if self.gather_output else y
 
 
@@ -244,7 +250,7 @@ class RowParallelLinear(nn.Module):
             self.bias.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = _linear(self, x, self.weight)
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y, self.tp_group)
         else:

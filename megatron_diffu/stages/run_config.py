@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from megatron_diffu.config import RunConfig
 from megatron_diffu.data.config import DataConfig
@@ -22,6 +22,24 @@ class StageRunConfig(RunConfig):
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    # --help text of the flags of the sections other parts own (training/config.py documents its own)
+    EXTRA_FLAG_HELP: ClassVar[dict] = {
+        "num_layers": "transformer layers", "hidden_size": "hidden size", "ffn_hidden_size": "SwiGLU FFN size",
+        "num_attention_heads": "query heads", "num_query_groups": "key/value heads (GQA groups)",
+        "max_position_embeddings": "longest sequence the model is built for (RoPE positions)",
+        "rotary_base": "RoPE theta", "vocab_size": "embedding rows (padded vocabulary)",
+        "untie_embeddings_and_output_weights": "separate input embedding and output head",
+        "bf16": "train in bfloat16 (fp32 master weights)",
+        "recompute_granularity": "activation recomputation: full / selective (none: off)",
+        "recompute_num_layers": "with full recompute: the first N layers of each pipeline stage (Megatron's block)",
+        "tensor_model_parallel_size": "tensor-parallel size", "pipeline_model_parallel_size": "pipeline stages",
+        "sequence_parallel": "sequence parallelism in the TP region",
+        "data_path": "dataset prefixes (PREFIX, or weights and prefixes: 0.7 A 0.3 B)",
+        "split": "train,valid,test split weights", "seq_length": "sequence length",
+        "tokenizer_type": "HuggingFaceTokenizer (default: the Qwen2.5/Dream tokenizer) or SentencePieceTokenizer",
+        "tokenizer_model": "tokenizer.json / .model path", "seed": "random seed",
+    }
 
     # ------------------------------------------------------------------ batch arithmetic
     def data_parallel_size(self, world_size: int) -> int:
@@ -64,6 +82,7 @@ class StageRunConfig(RunConfig):
             e.append(f"training.global_batch_size={gbs} is not divisible by micro_batch_size * data-parallel size "
                      f"= {t.micro_batch_size} * {dp} = {t.micro_batch_size * dp}: use a multiple of "
                      f"{t.micro_batch_size * dp} (e.g. --global-batch-size {max(1, gbs // (t.micro_batch_size * dp)) * t.micro_batch_size * dp})")
+        e.extend(self._schedule_unit_problems())
         seq = self.data.seq_length
         if seq > self.model.max_position_embeddings:
             e.append(f"data.seq_length={seq} exceeds model.max_position_embeddings={self.model.max_position_embeddings}")
@@ -71,3 +90,15 @@ class StageRunConfig(RunConfig):
             e.append(f"--sequence-parallel needs seq_length ({seq}) divisible by tensor_model_parallel_size "
                      f"({p.tensor_model_parallel_size})")
         return e
+
+    def _schedule_unit_problems(self) -> list[str]:
+        """Megatron's rule: a run counted in iterations sets its LR lengths in iterations, one counted in
+        samples sets them in samples."""
+        o, t = self.optimizer, self.training
+        if t.train_iters is not None and (o.lr_decay_samples is not None or o.lr_warmup_samples):
+            return ["optimizer: with --train-iters set the LR schedule in iterations (--lr-decay-iters, "
+                    "--lr-warmup-iters or --lr-warmup-fraction), not --lr-decay-samples/--lr-warmup-samples"]
+        if t.train_samples is not None and (o.lr_decay_iters is not None or o.lr_warmup_iters):
+            return ["optimizer: with --train-samples set the LR schedule in samples (--lr-decay-samples, "
+                    "--lr-warmup-samples or --lr-warmup-fraction), not --lr-decay-iters/--lr-warmup-iters"]
+        return []

@@ -37,7 +37,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
@@ -105,35 +105,112 @@ def _shard_dims(model) -> dict[str, Optional[int]]:
 
 # ------------------------------------------------------------------------------ paths
 def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """A save directory (tracker file, or the newest complete iter_*) or an iter_* directory -> the iter dir."""
+    """A save directory (tracker file, or the newest complete iter_*) or an iter_* directory -> the iter dir.
+
+    A tracker file that exists but does not name a complete iteration is an error naming the file
+    (never "no checkpoint": a run that went on from scratch would overwrite the checkpoints)."""
     path = Path(path)
     if (path / ".metadata").exists():
         return path
     tracker = path / TRACKER_FILE
     if tracker.exists():
-        text = tracker.read_text().strip()
+        try:
+            text = tracker.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{tracker}: unreadable ({e}); fix it or write the iteration to resume "
+                                  f"from into it (the iter_* directories beside it)") from None
         try:
             it = int(text)
+            if it < 0:
+                raise ValueError
         except ValueError:
-            raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}") from None
+            raise CheckpointError(f"{tracker}: corrupt: expected an iteration number, found {text[:80]!r}; write "
+                                  f"the iteration to resume from into it ({_iters_hint(path)}) or delete the "
+                                  f"save directory to start from scratch") from None
         d = path / iter_dir_name(it)
         if not (d / ".metadata").exists():
-            raise CheckpointError(f"{tracker} names iteration {it} but {d}/.metadata does not exist")
+            raise CheckpointError(f"{tracker} names iteration {it} but {d}/.metadata does not exist "
+                                  f"({_iters_hint(path)}); point the tracker at a complete iteration")
         return d
-    iters = sorted(p for p in path.glob("iter_*") if p.is_dir() and "tmp" not in p.name and (p / ".metadata").exists())
+    iters = _complete_iters(path)
     if iters:
         return iters[-1]
     raise CheckpointError(f"{path}: no checkpoint ({TRACKER_FILE}, iter_*/.metadata or .metadata not found)")
 
 
+def _complete_iters(path: Path) -> list[Path]:
+    return sorted(p for p in path.glob("iter_*") if p.is_dir() and "tmp" not in p.name and (p / ".metadata").exists())
+
+
+def _iters_hint(path: Path) -> str:
+    iters = _complete_iters(path)
+    return ("complete iterations here: " + ", ".join(p.name for p in iters[-3:])) if iters else \
+        "no complete iter_* directory here"
+
+
 def has_checkpoint(path: Optional[str | Path]) -> bool:
+    """True when `path` holds a checkpoint; False when it holds none (missing or empty directory, no
+    tracker, no complete iter_*). A tracker file that is corrupt or names a missing iteration raises
+    CheckpointError: it is a checkpoint that cannot be used, not the absence of one."""
     if not path:
         return False
+    path = Path(path)
+    if (path / TRACKER_FILE).exists():
+        resolve_checkpoint_dir(path)  # raises, naming the file
+        return True
     try:
         resolve_checkpoint_dir(path)
         return True
     except CheckpointError:
         return False
+
+
+def check_shard_files(ckpt_dir: str | Path, keys: Optional[Iterable[str]] = None) -> None:
+    """Every DCP data file the checkpoint's .metadata lists for `keys` (default: all) exists and is
+    long enough; else CheckpointError naming the shard (a copy that stopped early, a full disk)."""
+    ckpt_dir = Path(ckpt_dir)
+    md = read_checkpoint_metadata(ckpt_dir)
+    wanted = None if keys is None else set(keys)
+    need: dict[str, int] = {}
+    for index, info in (md.storage_data or {}).items():
+        if wanted is not None and index.fqn not in wanted:
+            continue
+        end = int(info.offset) + int(info.length)
+        need[info.relative_path] = max(need.get(info.relative_path, 0), end)
+    for rel, end in sorted(need.items()):
+        f = ckpt_dir / rel
+        if not f.is_file():
+            raise CheckpointError(f"{f}: checkpoint shard missing (listed in {ckpt_dir / '.metadata'}); the "
+                                  f"checkpoint is incomplete: copy the shard again or load another iteration")
+        size = f.stat().st_size
+        if size < end:
+            raise CheckpointError(f"{f}: checkpoint shard truncated ({size} bytes, the metadata needs {end}); "
+                                  f"copy it again or load another iteration")
+
+
+def read_checkpoint_metadata(ckpt_dir: str | Path):
+    """DCP metadata of `ckpt_dir`; a missing or corrupt .metadata is a CheckpointError naming it."""
+    f = Path(ckpt_dir) / ".metadata"
+    try:
+        return FileSystemReader(str(ckpt_dir)).read_metadata()
+    except FileNotFoundError:
+        raise CheckpointError(f"{f}: missing; not a complete checkpoint") from None
+    except Exception as e:  # noqa: BLE001 - unpickling a damaged file raises anything
+        raise CheckpointError(f"{f}: unreadable ({type(e).__name__}: {e}); the checkpoint is damaged: "
+                              f"copy it again or load another iteration") from None
+
+
+def dcp_load_checked(state: dict, ckpt_dir: str | Path, no_dist: bool) -> None:
+    """dcp.load with the shards checked first and any read failure named as the checkpoint's."""
+    check_shard_files(ckpt_dir, state.keys())
+    try:
+        dcp.load(state, storage_reader=FileSystemReader(str(ckpt_dir)), no_dist=no_dist)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - DCP wraps per-rank failures in its own exception types
+        raise CheckpointError(f"{ckpt_dir}: reading the checkpoint failed ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}); a shard may be "
+                              f"damaged: copy it again or load another iteration") from None
 
 
 def read_run_config(ckpt_dir: str | Path) -> dict:
@@ -145,7 +222,7 @@ def read_run_config(ckpt_dir: str | Path) -> dict:
 
 
 def checkpoint_tensor_shapes(ckpt_dir: str | Path) -> dict[str, tuple[int, ...]]:
-    md = FileSystemReader(str(ckpt_dir)).read_metadata()
+    md = read_checkpoint_metadata(ckpt_dir)
     return {k: tuple(v.size) for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
 
 
@@ -206,7 +283,8 @@ def _save_pause_hook(iteration: int) -> None:
 
 def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, grid: ProcessGrid,
                     run_config, train_state: dict, keep_last: Optional[int] = None,
-                    save_optim: bool = True, states: Optional[dict[str, Any]] = None) -> Path:
+                    save_optim: bool = True, states: Optional[dict[str, Any]] = None, save_rng: bool = True,
+                    retain_interval: Optional[int] = None) -> Path:
     """Collective: every rank calls it. Returns the final iteration directory.
 
     `states`: extra model states saved like the model, {name: object with sharded_state_dict()}
@@ -225,17 +303,20 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, grid
         tmp.mkdir()
     _barrier()
     state: dict[str, Any] = {}
-    dims = _shard_dims(model)
     for name, (local, dim) in model.sharded_state_dict().items():
         state[MODEL_PREFIX + name] = _wrap(local, dim, grid)
     state.update(_extra_state_tensors(states, grid))
     if save_optim and optimizer is not None:
-        for kind, tensors in optimizer.state_tensors().items():
-            for name, t in tensors.items():
-                state[f"optimizer.{kind}.{name}"] = _wrap(t, dims.get(name), grid)
+        # one parameter at a time; ZeRO shards are gathered per parameter to the host of one DP
+        # rank (never the whole fp32 state at once on the device); keys are canonical names
+        shapes = optimizer.state_shapes()
+        host = "cpu" if getattr(optimizer, "distributed", False) else None
+        for kind, name, t in optimizer.iter_state_tensors(device=host):
+            state[f"optimizer.{kind}.{name}"] = _wrap(t, shapes[name][1], grid)
     state["train_state"] = pickle.dumps(dict(train_state, world_size=grid.world_size,
                                              layout=(grid.tp_size, grid.pp_size, grid.dp_size)))
-    state[f"rng.{rank}"] = pickle.dumps(rng_state())
+    if save_rng:
+        state[f"rng.{rank}"] = pickle.dumps(rng_state())
     writer = FileSystemWriter(str(tmp), single_file_per_rank=True, sync_files=True, thread_count=1)
     with warnings.catch_warnings():  # "no process group: single process" is what we mean
         warnings.simplefilter("ignore", UserWarning)
@@ -249,7 +330,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, grid
         _fsync_dir(save_dir)
         atomic_write_text(save_dir / TRACKER_FILE, f"{iteration}\n", fsync=True)
         _fsync_dir(save_dir)
-        _prune(save_dir, keep_last, keep=final)
+        _prune(save_dir, keep_last, keep=final, retain_interval=retain_interval)
         print(f"[checkpoint] saved iteration {iteration} to {final} in {time.time() - t0:.2f}s", flush=True)
     _barrier()
     return final
@@ -263,15 +344,25 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def _prune(save_dir: Path, keep_last: Optional[int], keep: Path) -> None:
+def _prune(save_dir: Path, keep_last: Optional[int], keep: Path, retain_interval: Optional[int] = None) -> None:
+    """Remove crashed saves, then every checkpoint that is neither among the `keep_last` newest nor
+    (with `retain_interval`, Megatron's --save-retain-interval) at a multiple of that interval."""
     for stale in save_dir.glob("iter_*.tmp-*"):  # crashed saves
         shutil.rmtree(stale, ignore_errors=True)
     if not keep_last:
         return
     done = sorted(p for p in save_dir.glob("iter_*") if p.is_dir() and ".tmp-" not in p.name)
     for old in done[:-keep_last]:
-        if old != keep:
+        retained = retain_interval and _iteration_of(old) % retain_interval == 0
+        if old != keep and not retained:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _iteration_of(ckpt_dir: Path) -> int:
+    try:
+        return int(ckpt_dir.name.split("_")[1])
+    except (IndexError, ValueError):
+        return -1
 
 
 def _extra_state_tensors(states: Optional[dict[str, Any]], grid: ProcessGrid) -> dict[str, Any]:
@@ -289,7 +380,7 @@ def load_checkpoint(load_dir: str | Path, model, optimizer, grid: ProcessGrid, m
     ckpt = resolve_checkpoint_dir(load_dir)
     check_model_shapes(ckpt, model_cfg)
     saved = checkpoint_tensor_shapes(ckpt)
-    md_keys = set(FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+    md_keys = set(read_checkpoint_metadata(ckpt).state_dict_metadata)
     dims = _shard_dims(model)
     state: dict[str, Any] = {MODEL_PREFIX + n: _wrap(t, d, grid) for n, (t, d) in model.sharded_state_dict().items()}
     want_optim = optimizer is not None and load_optim and not finetune
@@ -303,11 +394,15 @@ def load_checkpoint(load_dir: str | Path, model, optimizer, grid: ProcessGrid, m
             if kind == "fp32_param" and (optimizer.master_is_param or not names):
                 continue
             opt_targets[kind] = {}
+            # canonical shapes (TE's own names/shapes differ); only what this rank's ZeRO shard
+            # needs, on the host: no full fp32 copy of the state on the device
+            shapes, needed = optimizer.state_shapes(), set(optimizer.needed_state_names())
             for n in names:
-                p = dict(model.named_parameters())[n]
-                t = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+                if n not in needed or n not in shapes:
+                    continue
+                t = torch.empty(shapes[n][0], dtype=torch.float32, device="cpu")
                 opt_targets[kind][n] = t
-                state[f"optimizer.{kind}.{n}"] = _wrap(t, dims[n], grid)
+                state[f"optimizer.{kind}.{n}"] = _wrap(t, shapes[n][1], grid)
     restored = []
     if not finetune:
         for key, tensors in _extra_states_present(states, md_keys, grid).items():
@@ -318,7 +413,7 @@ def load_checkpoint(load_dir: str | Path, model, optimizer, grid: ProcessGrid, m
             state[f"rng.{_rank()}"] = b""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, storage_reader=FileSystemReader(str(ckpt)), no_dist=not _dist())
+        dcp_load_checked(state, ckpt, no_dist=not _dist())
     if optimizer is not None:
         if want_optim:
             optimizer.load_state_tensors(opt_targets, step_count=pickle.loads(state["train_state"]).get("optimizer_step", 0))
@@ -348,12 +443,17 @@ def _extra_states_present(states: Optional[dict[str, Any]], md_keys: set, grid: 
 
 
 def load_inference_model(path: str | Path, grid: Optional[ProcessGrid] = None, device=None,
-                         sequence_parallel: bool = False, dtype: Optional[torch.dtype] = None):
+                         sequence_parallel: bool = False, dtype: Optional[torch.dtype] = None,
+                         transformer_impl: Optional[str] = None, fp8_format: Optional[str] = None):
     """(model, TransformerConfig) from a native or HF-converted checkpoint, for sampling/eval/export.
 
     `path`: a save dir or an iter_* dir. The model is built for `grid` (default: one process,
     all layers) with this rank's pipeline stage and TP shard, loaded (collective when `grid` has
     groups), set to eval mode. `dtype` overrides the saved `bf16` setting.
+
+    The checkpoint holds canonical weights whatever implementation trained it, so the model is
+    built with the LOCAL implementation and no FP8 (a Transformer Engine / FP8 checkpoint is
+    evaluated without TE) unless `transformer_impl` / `fp8_format` ask otherwise.
     """
     from megatron_diffu.model.builder import build_model_shard
     from megatron_diffu.model.config import TransformerConfig
@@ -367,6 +467,8 @@ def load_inference_model(path: str | Path, grid: Optional[ProcessGrid] = None, d
     cfg = TransformerConfig(**{k: v for k, v in section.items() if k in known})
     if dtype is not None:
         cfg.bf16 = dtype == torch.bfloat16
+    cfg.transformer_impl = transformer_impl or "local"
+    cfg.fp8_format = fp8_format
     model = build_model_shard(cfg, grid, sequence_parallel=sequence_parallel, device=device, init_weights=False)
     load_checkpoint(ckpt, model, None, grid, cfg, finetune=True, verbose=False)
     model.eval()

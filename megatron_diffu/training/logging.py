@@ -1,4 +1,4 @@
-"""Megatron-style log lines, TensorBoard scalars, a JSONL metrics file, and the MFU yardstick.
+"""Megatron-style log lines, TensorBoard scalars, a JSONL metrics file (MFU yardstick: training/peak.py).
 
 One line per `--log-interval` iterations on global rank 0 (the metrics are already reduced over
 DP and broadcast from the last pipeline stage), e.g.
@@ -17,11 +17,12 @@ import json
 import math
 import os
 import resource
-import time
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from megatron_diffu.training.peak import measure_peak_flops  # noqa: F401  (moved; old import path)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -31,31 +32,18 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024,
-                       repeats: int = 5) -> float:
-    """Measured dense matmul FLOP/s of one process on `device` (the MFU yardstick on CPU)."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * size ** 3 / best
-
-
 class MetricsLogger:
     """Collects per-iteration metrics; prints an averaged line every `log_interval` iterations."""
 
     def __init__(self, train_iters: int, log_interval: int = 10, tensorboard_dir: Optional[str] = None,
-                 log_file: Optional[str] = None, enabled: bool = True):
+                 log_file: Optional[str] = None, enabled: bool = True, global_batch_size: Optional[int] = None,
+                 log_throughput: bool = False, log_timers_to_tensorboard: bool = False,
+                 log_validation_ppl_to_tensorboard: bool = False):
         self.train_iters, self.log_interval, self.enabled = train_iters, log_interval, enabled
+        self.global_batch_size = global_batch_size
+        self.log_throughput, self.log_timers = log_throughput, log_timers_to_tensorboard
+        self.log_validation_ppl = log_validation_ppl_to_tensorboard
+        self.consumed_samples = 0
         self.window: list[dict] = []
         self.skipped = 0
         self.writer = None
@@ -77,14 +65,38 @@ class MetricsLogger:
             self.skipped += 1
         else:
             self.window.append(metrics)
+        self.consumed_samples = int(metrics.get("consumed_samples", self.consumed_samples))
         if self.writer is not None:
-            for k, v in metrics.items():
+            for k, v in metrics.items():  # every metric (the diffusion-specific extras too) under train/
                 if isinstance(v, (int, float)) and math.isfinite(float(v)):
                     self.writer.add_scalar(f"train/{k}", float(v), iteration)
+            self._megatron_scalars(iteration, metrics)
         if self.jsonl is not None:
             self.jsonl.write(json.dumps({"iteration": iteration, **_plain(metrics)}) + "\n")
         if iteration % self.log_interval == 0 or iteration == self.train_iters:
             self._emit(iteration, metrics)
+
+    def _scalar(self, name: str, value, iteration: int, vs_samples: bool = True) -> None:
+        """Megatron's pair: `name` per iteration and `name vs samples` per consumed sample."""
+        if value is None or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+            return
+        self.writer.add_scalar(name, float(value), iteration)
+        if vs_samples:
+            self.writer.add_scalar(f"{name} vs samples", float(value), self.consumed_samples)
+
+    def _megatron_scalars(self, iteration: int, m: dict) -> None:
+        """The scalars Megatron-LM's training_log writes, under its names (existing dashboards work):
+        learning-rate, batch-size, lm loss, grad-norm (each also "vs samples"); iteration-time with
+        --log-timers-to-tensorboard, throughput (TFLOP/s/GPU) with that and --log-throughput."""
+        self._scalar("learning-rate", m.get("lr"), iteration)
+        self._scalar("batch-size", self.global_batch_size, iteration)
+        if not m.get("skipped"):
+            self._scalar("lm loss", m.get("loss"), iteration)
+        self._scalar("grad-norm", m.get("grad_norm"), iteration)
+        if self.log_timers:
+            self._scalar("iteration-time", m.get("step_time"), iteration, vs_samples=False)
+            if self.log_throughput:
+                self._scalar("throughput", m.get("tflops_per_gpu"), iteration, vs_samples=False)
 
     def _emit(self, iteration: int, last: dict) -> None:
         w = self.window or [last]
@@ -93,6 +105,8 @@ class MetricsLogger:
                 f"| lr: {last['lr']:.6E} | loss: {avg('loss'):.6E} | grad norm: {avg('grad_norm'):.3f} "
                 f"| tokens/s: {avg('tokens_per_s'):.4g} | MFU: {100 * avg('mfu'):.2f}% "
                 f"| step time (ms): {1000 * avg('step_time'):.1f} | peak mem (GB): {last.get('peak_mem_gb', 0.0):.2f}")
+        if self.log_throughput:
+            line += f" | throughput per GPU (TFLOP/s/GPU): {avg('tflops_per_gpu'):.1f}"
         if self.skipped:
             line += f" | skipped iterations: {self.skipped}"
         if iteration < self.train_iters:  # training steps only: evaluation and checkpoint time come on top
@@ -101,6 +115,9 @@ class MetricsLogger:
         self.window, self.skipped = [], 0
 
     def log_validation(self, iteration: int, metrics: dict) -> None:
+        """Validation metrics: all of them under valid/; the loss (`elbo_loss`, the diffusion ELBO bound,
+        or `loss`) also as Megatron's "lm loss validation" (+ vs samples), and its perplexity
+        exp(min(20, loss)) as "lm loss validation ppl" with --log-validation-ppl-to-tensorboard."""
         if not self.enabled:
             return
         body = " | ".join(f"{k}: {v:.6E}" for k, v in metrics.items())
@@ -108,6 +125,11 @@ class MetricsLogger:
         if self.writer is not None:
             for k, v in metrics.items():
                 self.writer.add_scalar(f"valid/{k}", float(v), iteration)
+            loss = metrics.get("elbo_loss", metrics.get("loss"))
+            if isinstance(loss, (int, float)) and math.isfinite(float(loss)):
+                self._scalar("lm loss validation", loss, iteration)
+                if self.log_validation_ppl:
+                    self._scalar("lm loss validation ppl", math.exp(min(20.0, float(loss))), iteration)
         if self.jsonl is not None:
             self.jsonl.write(json.dumps({"iteration": iteration, "validation": _plain(metrics)}) + "\n")
 

@@ -32,9 +32,22 @@ class LRSchedule:
     wsd_decay_iters: Optional[int] = None
 
     @classmethod
-    def from_config(cls, opt, train_iters: int) -> "LRSchedule":
-        return cls(lr=opt.lr, min_lr=opt.min_lr, warmup_iters=opt.lr_warmup_iters, warmup_init=opt.lr_warmup_init,
-                   decay_style=opt.lr_decay_style, decay_iters=int(opt.lr_decay_iters or train_iters),
+    def from_config(cls, opt, train_iters: int, global_batch_size: Optional[int] = None) -> "LRSchedule":
+        """Megatron's lengths, in iterations: decay over --lr-decay-iters, or --lr-decay-samples / global
+        batch, or the run; warm-up over --lr-warmup-fraction x the decay length, or --lr-warmup-samples /
+        global batch, or --lr-warmup-iters. Sample counts divide exactly (Megatron counts its sample-based
+        schedule in samples, global_batch_size per step: the same lr at every step)."""
+        per = float(global_batch_size) if global_batch_size else None
+        samples = lambda n: (n / per) if (n and per) else None  # noqa: E731
+        decay = opt.lr_decay_iters or samples(getattr(opt, "lr_decay_samples", None)) or train_iters
+        fraction = getattr(opt, "lr_warmup_fraction", None)
+        if fraction is not None:
+            warmup = fraction * decay
+        else:
+            warmup = samples(getattr(opt, "lr_warmup_samples", 0)) or opt.lr_warmup_iters
+        as_int = lambda x: int(x) if float(x).is_integer() else float(x)  # noqa: E731
+        return cls(lr=opt.lr, min_lr=opt.min_lr, warmup_iters=as_int(warmup), warmup_init=opt.lr_warmup_init,
+                   decay_style=opt.lr_decay_style, decay_iters=as_int(decay),
                    wsd_decay_style=opt.lr_wsd_decay_style, wsd_decay_iters=opt.lr_wsd_decay_iters)
 
     def __call__(self, iteration: int) -> float:

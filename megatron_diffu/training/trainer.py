@@ -24,6 +24,8 @@ One global step (`Trainer.train_step`):
    raise `TrainingError`.
 5. `stage.on_step_end(trainer, metrics)` (GRPO: reference sync), logging, periodic validation
    (`stage.validate(trainer) -> dict`), periodic checkpoint; signal/exit-interval handling.
+`trainer.phase_timer = PhaseTimer(device)` records each step's seconds per phase (off by default;
+benchmarks/pretrain_throughput.py prints the breakdown).
 
 State the trainer checkpoints: model, optimizer, iteration, consumed samples (the data position),
 RNG, `stage.state_dict()` (a picklable dict), and the stage's extra model states
@@ -153,6 +155,54 @@ def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def keep_large_host_blocks() -> bool:
+    """CPU training: let glibc serve large blocks from its heap and keep freed ones (instead of a
+    fresh mmap per allocation above 32 MB, page-faulted in at every touch: the [V, H] embedding and
+    head gradients, ~100 MB each at 100M, cost ~50 ms a step that way). Process-wide; numerics
+    unchanged; MDIFFU_HOST_MALLOC_TUNING=0 turns it off. Returns whether it was applied."""
+    import os
+    import sys
+    if os.environ.get("MDIFFU_HOST_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
+class PhaseTimer:
+    """Per-phase wall time of `Trainer.train_step` (off unless `trainer.phase_timer` is set: the
+    hot path then pays one `is None` test per phase). `mark(name)` charges the time since the
+    previous mark to `name` (device-synchronised first, so CUDA work lands in its own phase);
+    `last` holds the seconds of the latest step. The trainer marks batch, forward_backward
+    (whatever the stage did not mark itself inside the schedule: its backward when the stage marks
+    noise/forward/loss), report, grad_reduce, grad_norm, optimizer (clip + AdamW + param sync),
+    step_end."""
+
+    def __init__(self, device: Optional[torch.device] = None):
+        self.device = torch.device(device or "cpu")
+        self.last: dict[str, float] = {}
+        self._t = 0.0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self) -> None:
+        self.last = {}
+        self._sync()
+        self._t = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        self._sync()
+        now = time.perf_counter()
+        self.last[name] = self.last.get(name, 0.0) + now - self._t
+        self._t = now
+
+
 # ------------------------------------------------------------------------------------ Trainer
 class Trainer:
     def __init__(self, cfg, stage: Stage, grid: Optional[ProcessGrid] = None, device: Optional[torch.device] = None,
@@ -166,9 +216,12 @@ class Trainer:
         self.micro_batch_size = cfg.training.micro_batch_size
         self.num_micro_batches = cfg.num_micro_batches(world)
         self.train_iters = cfg.resolved_train_iters(world)
+        if self.device.type == "cpu":
+            keep_large_host_blocks()
         self.model = model if model is not None else build_model(cfg, self.grid, self.device)
-        self.optimizer = MixedPrecisionAdamW(self.model, cfg.optimizer, self.grid, cfg.parallel.use_distributed_optimizer)
-        self.lr_schedule = LRSchedule.from_config(cfg.optimizer, self.train_iters)
+        self.optimizer = MixedPrecisionAdamW(self.model, cfg.optimizer, self.grid, cfg.parallel.use_distributed_optimizer,
+                                             fused=getattr(cfg.optimizer, "fused_adam", None))
+        self.lr_schedule = LRSchedule.from_config(cfg.optimizer, self.train_iters, self.global_batch_size)
         self.iteration = 0
         self.consumed_samples = 0
         self.skipped_in_a_row = 0
@@ -177,9 +230,13 @@ class Trainer:
         self.extra_states = dict(stage.checkpoint_states(self))
         self.restored_states: set[str] = set()  # extra states found in the loaded checkpoint
         self._maybe_load()
-        self.logger = MetricsLogger(self.train_iters, cfg.logging.log_interval, cfg.logging.tensorboard_dir,
-                                    cfg.logging.log_file, enabled=self.grid.rank == 0)
+        lg = cfg.logging
+        self.logger = MetricsLogger(self.train_iters, lg.log_interval, lg.tensorboard_dir, lg.log_file,
+                                    enabled=self.grid.rank == 0, global_batch_size=self.global_batch_size,
+                                    log_throughput=lg.log_throughput, log_timers_to_tensorboard=lg.log_timers_to_tensorboard,
+                                    log_validation_ppl_to_tensorboard=lg.log_validation_ppl_to_tensorboard)
         self._peak_flops: Optional[float] = cfg.logging.peak_flops
+        self.phase_timer: Optional[PhaseTimer] = None  # set one to time train_step's phases
         self.stage.setup(self)
 
     # ------------------------------------------------------------------ checkpoints
@@ -214,7 +271,8 @@ class Trainer:
                  "stage": self.stage.state_dict(), "stage_name": self.stage.name}
         checkpointing.save_checkpoint(ck.save, self.iteration, self.model, self.optimizer, self.grid, self.cfg,
                                       state, keep_last=ck.keep_last, save_optim=not ck.no_save_optim,
-                                      states=self.extra_states)
+                                      states=self.extra_states, save_rng=not ck.no_save_rng,
+                                      retain_interval=ck.save_retain_interval)
 
     # ------------------------------------------------------------------ reductions
     def reduce_reports(self, reports: list[dict]) -> dict[str, float]:
@@ -222,7 +280,16 @@ class Trainer:
         totals: dict[str, float] = {}
         if self.grid.is_last_stage:
             keys = sorted({k for r in reports for k in r})
-            vec = torch.tensor([sum(float(r.get(k, 0.0)) for r in reports) for k in keys], dtype=torch.float64)
+            # device values come to the host in one transfer (not one sync each); summed in Python
+            # over micro-batches in order, as before
+            flat = [r.get(k, 0.0) for r in reports for k in keys]
+            on_dev = [v for v in flat if isinstance(v, torch.Tensor) and v.device.type != "cpu"]
+            if on_dev:
+                host = iter(torch.stack([v.detach().reshape(()).double() for v in on_dev]).tolist())
+                flat = [next(host) if isinstance(v, torch.Tensor) and v.device.type != "cpu" else v for v in flat]
+            n = len(keys)
+            vec = torch.tensor([sum(float(flat[i * n + j]) for i in range(len(reports))) for j in range(n)],
+                               dtype=torch.float64)
             if group_size(self.grid.dp_group) > 1:
                 vec = vec.to(self.device)
                 dist.all_reduce(vec, group=self.grid.dp_group)
@@ -235,6 +302,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
+        timer = self.phase_timer
+        if timer is not None:
+            timer.start()
         t0 = time.perf_counter()
         self.iteration += 1
         self.model.train()
@@ -243,13 +313,25 @@ class Trainer:
         if len(micro_batches) != self.num_micro_batches:
             raise TrainingError(f"stage {self.stage.name} produced {len(micro_batches)} micro-batches, expected "
                                 f"{self.num_micro_batches} (global_batch_size / (micro_batch_size * dp))")
+        if timer is not None:
+            timer.mark("batch")
         self.optimizer.zero_grad()
+        if timer is not None:
+            timer.mark("zero_grad")
         reports = forward_backward(self.stage.forward_step, self.model, micro_batches, self.grid,
                                    dtype=self.cfg.model.params_dtype)
+        if timer is not None:
+            timer.mark("forward_backward")
         report = self.stage.step_report(self, inputs, self.reduce_reports(reports))
         metrics = dict(report.metrics)
+        if timer is not None:
+            timer.mark("report")
         self.optimizer.reduce_gradients()
+        if timer is not None:
+            timer.mark("grad_reduce")
         grad_norm = self.optimizer.grad_norm()
+        if timer is not None:
+            timer.mark("grad_norm")
         lr = self.lr_schedule(self.iteration)
         loss = float(metrics.get("loss", float("nan")))
         skipped = not (_finite(loss) and _finite(grad_norm))
@@ -267,6 +349,8 @@ class Trainer:
         else:
             self.skipped_in_a_row = 0
             self.optimizer.step(lr, grad_norm)
+        if timer is not None:
+            timer.mark("optimizer")
         self.consumed_samples += self.global_batch_size
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -274,7 +358,10 @@ class Trainer:
         metrics.update(iteration=self.iteration, consumed_samples=self.consumed_samples, lr=lr, grad_norm=grad_norm,
                        skipped=skipped, step_time=dt, tokens_per_s=report.tokens / dt,
                        mfu=report.flops / dt / (self.peak_flops() * self.grid.world_size),
+                       tflops_per_gpu=report.flops / dt / self.grid.world_size / 1e12,
                        peak_mem_gb=peak_memory_gb(self.device))
+        if timer is not None:
+            timer.mark("step_end")
         return metrics
 
     def peak_flops(self) -> float:
@@ -294,6 +381,19 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------ loop
+    def _out_of_time(self, started: float) -> bool:
+        """--exit-duration-in-mins: one decision for all ranks (MAX of their clocks), as Megatron."""
+        mins = self.cfg.training.exit_duration_in_mins
+        if not mins:
+            return False
+        done = torch.tensor([float((time.time() - started) / 60.0 > mins)], device=self.device)
+        if dist.is_available() and dist.is_initialized() and self.grid.world_size > 1:
+            dist.all_reduce(done, op=dist.ReduceOp.MAX)
+        if bool(done.item()) and self.grid.rank == 0:
+            print(f"[trainer] exiting after {mins} minutes (--exit-duration-in-mins) at iteration {self.iteration}",
+                  flush=True)
+        return bool(done.item())
+
     def train(self) -> int:
         """Run to train_iters (or a signal / exit_interval). Returns the process exit code."""
         t, ck = self.cfg.training, self.cfg.checkpoint
@@ -303,6 +403,7 @@ class Trainer:
                   f"{self.global_batch_size} = {self.micro_batch_size} x {self.num_micro_batches} micro x "
                   f"{self.grid.dp_size} DP (tp={self.grid.tp_size}, pp={self.grid.pp_size})", flush=True)
         exit_code = 0
+        started = time.time()
         with handler if t.exit_signal_handler else contextlib.nullcontext():
             try:
                 while self.iteration < self.train_iters:
@@ -324,7 +425,7 @@ class Trainer:
                                   f"{EXIT_CODE_SIGNAL} (checkpoint {'saved' if ck.save else 'NOT saved: no --save'})",
                                   flush=True)
                         return EXIT_CODE_SIGNAL
-                    if t.exit_interval and self.iteration % t.exit_interval == 0:
+                    if (t.exit_interval and self.iteration % t.exit_interval == 0) or self._out_of_time(started):
                         if not saved:
                             self.save()
                         return 0

@@ -21,7 +21,8 @@ EXCLUDE = ["test", "tests", "site-packages", "__pycache__"]
 
 
 def reference_corpus(roots):
-    """The corpus rule, written independently: sorted walk, .py only, no test dirs, UTF-8 only, non-empty."""
+    """The corpus rule, written independently: sorted walk, .py only, no test dirs, UTF-8 only (empty files
+    are documents, as in Megatron-LM)."""
     docs, skipped = [], []
     for root in roots:
         for dirpath, dirnames, filenames in os.walk(root):
@@ -34,7 +35,7 @@ def reference_corpus(roots):
                 except UnicodeDecodeError:
                     skipped.append(path)
                     continue
-                (docs if text else skipped).append((path, text) if text else path)
+                docs.append((path, text))
     return docs, skipped
 
 
@@ -62,20 +63,56 @@ def test_stdlib_read_back_token_exact_by_megatron(stdlib_w1, qwen):
 
     prefix = stdlib_w1.outputs["text"]
     docs, skipped = reference_corpus(SUBSET)
-    assert len(docs) > 10 and skipped  # email/mime/__init__.py etc. are empty
+    nonempty = [(path, text) for path, text in docs if text]
+    n_empty = len(docs) - len(nonempty)
+    assert len(docs) > 10 and n_empty  # email/mime/__init__.py etc. are empty: kept, as Megatron keeps them
     assert sorted(w for w, _ in stdlib_w1.skipped) == sorted(skipped)
-    assert all(r.startswith("empty document") for _, r in stdlib_w1.skipped)
+    assert stdlib_w1.empty == n_empty and f"empty documents kept: {n_empty}" in stdlib_w1.format()
     raw = RawTokenizer.from_file(qwen_tokenizer_path())  # the tokenizer's own encoding, unmodified file
     ds = IndexedDataset(prefix)
-    assert len(ds) == len(docs) == stdlib_w1.documents
+    assert len(ds) == len(nonempty) and stdlib_w1.documents == len(docs)
     assert ds.index.dtype == np.int32  # Qwen's 151668 ids do not fit uint16
     total = 0
-    for i, (path, text) in enumerate(docs):
+    for i, (path, text) in enumerate(nonempty):
         expected = raw.encode(text, add_special_tokens=False).ids + [151643]  # --append-eod: <|endoftext|>
         assert ds[i].tolist() == expected, path
         total += len(expected)
     assert total == stdlib_w1.tokens == int(ds.sequence_lengths.sum())
-    assert list(ds.document_indices) == list(range(len(docs) + 1))
+    # an empty document has no sequence: the document index repeats (Megatron's add_document([], []))
+    assert list(ds.document_indices) == [0] + list(np.cumsum([1 if text else 0 for _, text in docs]))
+
+
+def _megatron_reference(prefix: str, texts, tok) -> None:
+    """Megatron-LM tools/preprocess_data.py's rule, written independently of ours: per document
+    doc_ids = tokenize(text); EOD appended only when doc_ids is non-empty; add_document(doc_ids,
+    [len] or []), one builder, finalize."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    for text in texts:
+        ids = tok.encode(text)
+        lens = [len(ids)] if ids else []
+        if ids:
+            ids = ids + [tok.eod_id]
+            lens[-1] += 1
+        builder.add_document(np.asarray(ids, dtype=np.int32), lens)
+    builder.finalize(prefix + ".idx")
+
+
+def test_empty_documents_keep_bin_idx_byte_identical_to_megatron(stdlib_w1, qwen, tmp_path):
+    """Directory input (empty __init__.py files) and JSONL input (an empty text) against Megatron's rule."""
+    docs, _ = reference_corpus(SUBSET)
+    ref = str(tmp_path / "megatron_text_document")
+    _megatron_reference(ref, [t for _, t in docs], qwen)
+    for ext in (".bin", ".idx"):
+        assert open(stdlib_w1.outputs["text"] + ext, "rb").read() == open(ref + ext, "rb").read(), ext
+    src = _write(tmp_path / "e.jsonl", b'{"text": ""}\n{"text": "x = 1"}\n{"text": ""}\n{"text": "  "}\n')
+    summary = preprocess(tmp_path / "e", [src], workers=1)  # no --skip-bad needed: not an error
+    assert summary.documents == 4 and summary.empty == 2 and not summary.skipped
+    ref2 = str(tmp_path / "megatron_e")
+    _megatron_reference(ref2, ["", "x = 1", "", "  "], qwen)
+    for ext in (".bin", ".idx"):
+        assert open(summary.outputs["text"] + ext, "rb").read() == open(ref2 + ext, "rb").read(), ext
 
 
 def test_two_workers_write_identical_bytes(stdlib_w1, tmp_path):
@@ -112,7 +149,6 @@ def _write(path, data: bytes):
     (b'{"content": "x"}\n', r"bad\.jsonl:3 .*missing key 'text' \(keys present: content"),
     (b'{"text": 5}\n', r"bad\.jsonl:3 .*key 'text' holds int"),
     (b'{"text": "caf\xe9"}\n', r"bad\.jsonl:3 .*not UTF-8: invalid byte 0xe9 at byte 13 of the line"),
-    (b'{"text": ""}\n', r"bad\.jsonl:3 .*empty document"),
 ])
 def test_bad_jsonl_lines_name_file_and_line(tmp_path, line, expect):
     good = b'{"text": "print(1)"}\n{"text": "x = 2"}\n'
@@ -138,8 +174,8 @@ def test_bad_source_files(tmp_path):
         preprocess(tmp_path / "o", [str(d)], workers=2, chunk_bytes=1)  # raised in a worker process
     assert sorted(os.listdir(tmp_path)) == ["src"]
     summary = preprocess(tmp_path / "o", [str(d)], workers=1, skip_bad=True)
-    assert summary.documents == 1
-    assert [os.path.basename(w) for w, _ in summary.skipped] == ["b.py", "c.py"]
+    assert summary.documents == 2 and summary.empty == 1  # c.py is empty: kept (Megatron's rule), counted
+    assert [os.path.basename(w) for w, _ in summary.skipped] == ["b.py"]
     with pytest.raises(InputError, match="matches no files"):
         preprocess(tmp_path / "o", [str(tmp_path / "nothing*.jsonl")])
     with pytest.raises(InputError, match="no such file"):
@@ -168,7 +204,8 @@ def test_corrupt_and_missing_datasets_are_named(stdlib_w1, tmp_path, qwen):
 
     prefix = stdlib_w1.outputs["text"]
     info = validate_indexed_dataset(prefix, vocab_size=qwen.vocab_size, check_tokens=True)
-    assert info.num_documents == len(IndexedDataset(prefix)) and info.num_tokens == stdlib_w1.tokens
+    assert info.num_documents == len(IndexedDataset(prefix).document_indices) - 1 == stdlib_w1.documents
+    assert info.num_tokens == stdlib_w1.tokens
     for name, p, msg in _corrupt_copies(prefix, tmp_path):
         with pytest.raises(DatasetFormatError, match=msg):
             validate_indexed_dataset(p)

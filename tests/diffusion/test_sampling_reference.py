@@ -88,6 +88,8 @@ def reference_generate(model, prompt: list[int], cfg: SamplingConfig, gen: torch
     block = cfg.block_length or N
     n_blocks = N // block
     steps_per_block = cfg.steps // n_blocks
+    if cfg.threshold is not None and cfg.threshold_rule == "fast_dllm":
+        steps_per_block = block  # Fast-dLLM loops until the block has no masks (>= 1 token a step)
     step = 0
     for blk in range(n_blocks):
         lo, hi = P + blk * block, P + (blk + 1) * block
@@ -111,7 +113,12 @@ def reference_generate(model, prompt: list[int], cfg: SamplingConfig, gen: torch
                     chosen[pos] = ref_token(logits[pos], cfg, gen)[0]
             else:
                 toks, confs, p_toks = zip(*[ref_token(logits[pos], cfg, gen) for pos in masked])
-                if cfg.threshold is not None:  # Fast-dLLM: token probability above the threshold
+                if cfg.threshold is not None and cfg.threshold_rule == "fast_dllm":
+                    # Fast-dLLM get_transfer_index: sort by the drawn token's probability, keep the
+                    # first, drop every other one whose probability is below the threshold
+                    best = max(range(len(masked)), key=lambda j: p_toks[j])
+                    pick = [j for j in range(len(masked)) if last or p_toks[j] >= cfg.threshold or j == best]
+                elif cfg.threshold is not None:  # the earlier rule: > threshold, plus the best alg confidence
                     best = max(range(len(masked)), key=lambda j: confs[j])
                     pick = [j for j in range(len(masked)) if last or p_toks[j] > cfg.threshold or j == best]
                 else:
@@ -168,21 +175,42 @@ def test_alg_temp_and_blocks_equal_reference(model):
     check_equal(model, SamplingConfig(max_new_tokens=8, steps=8, temperature=0.0, alg="topk_margin"))
 
 
-def test_threshold_above_one_is_one_token_per_step(model):
-    cfg = SamplingConfig(max_new_tokens=10, steps=10, temperature=0.0, alg="maskgit_plus", threshold=1.5)
+@pytest.mark.parametrize("rule", ["fast_dllm", "alg_confidence"])
+def test_threshold_above_one_is_one_token_per_step(model, rule):
+    cfg = SamplingConfig(max_new_tokens=10, steps=10, temperature=0.0, alg="maskgit_plus", threshold=1.5,
+                         threshold_rule=rule)
     check_equal(model, cfg)
     out = diffusion_generate(model, [PROMPTS[0]], cfg, mask_id=MASK, pad_id=PAD)
     assert sorted(out.reveal_step[0].tolist()) == list(range(10))  # exactly one new token per step
     assert out.nfe == 10
 
 
-def test_threshold_parallel_equals_reference(model):
+@pytest.mark.parametrize("rule", ["fast_dllm", "alg_confidence"])
+def test_threshold_parallel_equals_reference(model, rule):
     cfg = SamplingConfig(max_new_tokens=12, steps=12, temperature=0.0, alg="maskgit_plus", threshold=0.3,
-                         block_length=6)
+                         block_length=6, threshold_rule=rule)
     check_equal(model, cfg)
-    check_equal(model, SamplingConfig(max_new_tokens=12, steps=12, temperature=0.0, alg="entropy", threshold=0.6))
+    check_equal(model, SamplingConfig(max_new_tokens=12, steps=12, temperature=0.0, alg="entropy", threshold=0.6,
+                                      threshold_rule=rule))
+    check_equal(model, SamplingConfig(max_new_tokens=12, steps=12, temperature=0.9, alg="topk_margin", threshold=0.2,
+                                      threshold_rule=rule, seed=4))
     out = diffusion_generate(model, PROMPTS, cfg, mask_id=MASK, pad_id=PAD)
     assert out.nfe < 12  # several tokens per step somewhere: fewer forwards than tokens
+
+
+def test_fast_dllm_threshold_is_the_default_and_ignores_steps(model):
+    """Fast-dLLM's threshold decoding loops until the block is full: with steps = 2 and a threshold
+    above 1 it still reveals one token per step, 12 forwards for 12 tokens (the earlier rule
+    stops after the 2 allotted steps and reveals the rest at the second)."""
+    assert SamplingConfig().threshold_rule == "fast_dllm"
+    fast = SamplingConfig(max_new_tokens=12, steps=2, temperature=0.0, alg="entropy", threshold=1.5)
+    check_equal(model, fast)
+    assert diffusion_generate(model, [PROMPTS[0]], fast, mask_id=MASK, pad_id=PAD).nfe == 12
+    old = SamplingConfig(max_new_tokens=12, steps=2, temperature=0.0, alg="entropy", threshold=1.5,
+                         threshold_rule="alg_confidence")
+    assert diffusion_generate(model, [PROMPTS[0]], old, mask_id=MASK, pad_id=PAD).nfe == 2
+    with pytest.raises(ValueError, match="threshold_rule"):
+        SamplingConfig(threshold_rule="nope").validate()
 
 
 # ----------------------------------------------------------------------------- batching and bookkeeping

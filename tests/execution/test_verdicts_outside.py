@@ -3,7 +3,8 @@ the completion does to the interpreter it runs in (one test per attack of issue 
 import pytest
 
 from megatron_diffu.eval.humaneval import evaluate_samples, load_humaneval
-from megatron_diffu.execution.problems import NOT_JUDGED, Problem, decompose_tests, judge, judged_sample_program
+from megatron_diffu.execution.problems import Problem
+from megatron_diffu.execution.verdicts import NOT_JUDGED, decompose_tests, judge, judged_sample_program
 
 SECRET = 987654321  # the expected value: it must never reach the untrusted side
 PROB = Problem("toy/f", "def f(x):\n", entry_point="f",

@@ -16,7 +16,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ASSET = HERE.parent / "assets" / "golden_stages.json"
-sys.path[:0] = [str(HERE.parent / "training"), str(HERE.parent / "rl"), str(HERE.parent / "sft")]
+sys.path[:0] = [str(HERE.parent / "training"), str(HERE.parent / "stages" / "grpo"), str(HERE.parent / "stages" / "diffusion")]
 
 PRETRAIN_KEYS = ("loss", "masked_ce", "grad_norm", "lr")
 SFT_KEYS = ("loss", "masked_ce", "grad_norm", "response_tokens")
@@ -36,7 +36,9 @@ def run_pretrain(work: Path) -> dict:
 
     prefix = make_stdlib_dataset(work)
     trainer = build_trainer(tiny_args(prefix, train_iters=6, extra=["--eval-interval", "3", "--eval-iters", "1",
-                                                                   "--no-exit-signal-handler"]))
+                                                                   "--no-exit-signal-handler",
+                                                                   # the behaviour recorded in the golden file:
+                                                                   "--no-mask-eod", "--loss-normalization", "position"]))
     trainer.train()
     return {"curves": _curves(trainer.history, PRETRAIN_KEYS), "validation": _validation(trainer)}
 
@@ -62,7 +64,11 @@ def run_grpo(work: Path) -> dict:
     from grpo_stage_helpers import make_trainer, toy_config, write_toy_problems
 
     problems = write_toy_problems(work / "toy.jsonl")
-    cfg = toy_config(problems, {"training": {"train_iters": 5}, "grpo": {"ref_model_sync_steps": 3, "beta": 0.05}})
+    cfg = toy_config(problems, {"training": {"train_iters": 5}, "grpo": {"ref_model_sync_steps": 3, "beta": 0.05,
+                                                                   # the behaviour recorded in the golden file:
+                                                                   "ref_model_mixup_alpha": 1.0,
+                                                                   "loss_normalization": "global_tokens",
+                                                                   "completion_stop_tokens": ["im_end", "eod"]}})
     trainer = make_trainer(cfg)
     trainer.train()
     return {"curves": _curves(trainer.history, GRPO_KEYS)}

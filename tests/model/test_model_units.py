@@ -47,7 +47,7 @@ def test_flops_per_token_matches_hand_count():
     (dict(num_query_groups=1), 2, "num_query_groups=1 is not divisible by tensor_model_parallel_size=2"),
     (dict(vocab_size=255), 2, "vocab_size=255 is not divisible"),
     (dict(recompute_granularity="most"), 1, "recompute_granularity='most'"),
-    (dict(fp8_format="hybrid"), 1, "needs transformer_impl='transformer_engine'"),
+    (dict(fp8_format="e5m2"), 1, "fp8_format='e5m2'"),
     (dict(transformer_impl="te"), 1, "transformer_impl='te'"),
 ])
 def test_validation_errors_name_the_field(kw, tp, needle):
@@ -55,6 +55,19 @@ def test_validation_errors_name_the_field(kw, tp, needle):
     with pytest.raises(ValueError, match=None) as e:
         cfg.validate(tp_size=tp)
     assert needle in str(e.value)
+
+
+def test_fp8_without_transformer_engine_builds_torch_native_fp8_linears():
+    """fp8_format with transformer_impl='local' is the torch-native FP8 path (model/fp8.py): every
+    decoder linear (qkv, proj, fc1, fc2 per layer) gets an FP8 state; the output layer does not."""
+    from megatron_diffu.model.builder import build_model_shard
+
+    cfg = TransformerConfig(**{**PRESETS["tiny"], "fp8_format": "hybrid"}).validate()
+    model = build_model_shard(cfg)
+    states = [m for m in model.modules() if getattr(m, "fp8", None) is not None]
+    assert len(states) == 4 * cfg.num_layers
+    assert getattr(model.output_layer, "fp8", None) is None if hasattr(model, "output_layer") else True
+    assert all(getattr(m, "fp8", None) is None for m in build_model_shard(TransformerConfig(**PRESETS["tiny"])).modules())
 
 
 def test_validation_pp_and_unknown_fields():

@@ -1,6 +1,9 @@
 """The Megatron-style log line: window averages, skipped-step count, ETA from the average step time,
 and the JSONL file every iteration goes to."""
 import json
+import math
+
+import pytest
 
 from megatron_diffu.training.logging import MetricsLogger
 
@@ -34,3 +37,43 @@ def test_last_line_has_no_eta(capsys):
     log.record(2, _metrics(2, 1.0, 1.0))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith("| ETA: 0:00:01") and "ETA" not in lines[1]
+
+
+def _tb_scalars(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_scalars_carry_megatrons_names(tmp_path, capsys):
+    """Megatron-LM training_log / evaluate names (dashboards keep working); our extras stay under train/."""
+    log = MetricsLogger(train_iters=3, log_interval=1, tensorboard_dir=str(tmp_path / "tb"), global_batch_size=8,
+                        log_throughput=True, log_timers_to_tensorboard=True, log_validation_ppl_to_tensorboard=True)
+    for i in (1, 2):
+        log.record(i, {**_metrics(i, 0.5, 2.0 + i), "masked_ce": 1.0 + i, "tflops_per_gpu": 3.5})
+    log.log_validation(2, {"elbo_loss": 2.5, "elbo_ppl": 12.18})
+    log.close()
+    assert "throughput per GPU (TFLOP/s/GPU): 3.5" in capsys.readouterr().out
+    s = _tb_scalars(tmp_path / "tb")
+    assert s["lm loss"] == [(1, 3.0), (2, 4.0)] and s["lm loss vs samples"] == [(8, 3.0), (16, 4.0)]
+    assert s["learning-rate"] == [(1, pytest.approx(3e-4)), (2, pytest.approx(3e-4))]
+    assert [v for _, v in s["learning-rate vs samples"]] == [pytest.approx(3e-4)] * 2
+    assert s["grad-norm"] == [(1, 1.5), (2, 1.5)] and s["grad-norm vs samples"] == [(8, 1.5), (16, 1.5)]
+    assert s["batch-size"] == [(1, 8.0), (2, 8.0)] and s["batch-size vs samples"] == [(8, 8.0), (16, 8.0)]
+    assert s["iteration-time"] == [(1, 0.5), (2, 0.5)] and s["throughput"] == [(1, 3.5), (2, 3.5)]
+    assert s["lm loss validation"] == [(2, 2.5)] and s["lm loss validation vs samples"] == [(16, 2.5)]
+    assert s["lm loss validation ppl"] == [(2, pytest.approx(math.exp(2.5)))]
+    assert s["lm loss validation ppl vs samples"] == [(16, pytest.approx(math.exp(2.5)))]
+    assert s["train/masked_ce"] == [(1, 2.0), (2, 3.0)] and s["valid/elbo_ppl"] == [(2, pytest.approx(12.18))]
+
+
+def test_timers_and_ppl_follow_megatrons_flags(tmp_path):
+    log = MetricsLogger(train_iters=1, log_interval=1, tensorboard_dir=str(tmp_path / "tb"), global_batch_size=8)
+    log.record(1, {**_metrics(1, 0.5, 2.0), "tflops_per_gpu": 3.5})
+    log.log_validation(1, {"elbo_loss": 2.5})
+    log.close()
+    tags = set(_tb_scalars(tmp_path / "tb"))
+    assert {"lm loss", "learning-rate", "grad-norm", "batch-size", "lm loss validation"} <= tags
+    assert not {"iteration-time", "throughput", "lm loss validation ppl"} & tags  # off by default, as in Megatron

@@ -136,12 +136,19 @@ class DreamGenerationMixin:
         return self._sample(input_ids, attention_mask, cfg, tokens_hook, logits_hook)
 
     def _default_generation_config(self) -> DreamGenerationConfig:
+        """config.json's token ids, then every setting generation_config.json states (when transformers
+        loaded it as `self.generation_config`); anything it leaves out keeps DreamGenerationConfig's
+        default. Only the values the file sets count: `to_diff_dict` drops transformers' own defaults
+        (None in transformers 5; temperature 1.0 / top_p 1.0 / top_k 50 in transformers 4)."""
         cfg = DreamGenerationConfig.from_model_config(self.config)
-        gen = getattr(self, "generation_config", None)  # generation_config.json, when transformers loaded it
-        for k in ("steps", "eps", "alg", "alg_temp", "temperature", "top_p", "top_k", "max_new_tokens", "mask_token_id"):
-            v = getattr(gen, k, None) if gen is not None else None
-            if v is not None and k in ("steps", "eps", "alg", "alg_temp", "mask_token_id"):
-                setattr(cfg, k, v)
+        gen = getattr(self, "generation_config", None)
+        if gen is None:
+            return cfg
+        stated = gen.to_diff_dict() if hasattr(gen, "to_diff_dict") else vars(gen)
+        for k in ("steps", "eps", "alg", "alg_temp", "temperature", "top_p", "top_k", "max_new_tokens", "max_length",
+                  "mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id"):
+            if k in stated and stated[k] is not None:
+                setattr(cfg, k, stated[k])
         return cfg
 
     def _sample(self, input_ids, attention_mask, cfg: DreamGenerationConfig, tokens_hook, logits_hook):

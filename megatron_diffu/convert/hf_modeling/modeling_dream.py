@@ -237,6 +237,23 @@ class DreamModel(DreamGenerationMixin, DreamPreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers loads generation_config.json only for GenerationMixin models (this one is not: it
+        has `diffusion_generate`, not `generate`), so load it here (as Dream does): `diffusion_generate`
+        without sampling arguments then uses the file's settings."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if pretrained_model_name_or_path is not None:
+            from transformers import GenerationConfig
+
+            hub = {k: kwargs[k] for k in ("cache_dir", "force_download", "proxies", "local_files_only", "token",
+                                          "revision", "subfolder") if k in kwargs}
+            try:
+                model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+            except (OSError, ValueError):
+                pass  # no generation_config.json: DreamGenerationConfig's defaults and config.json's ids
+        return model
+
     def get_input_embeddings(self):
         return self.model.embed_tokens
 

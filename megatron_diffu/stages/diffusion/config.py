@@ -22,4 +22,7 @@ class SFTRunConfig(PretrainRunConfig):
         e = super().cross_section_problems(world_size)
         if self.diffusion.attention_mask_annealing_iters:
             e.append("diffusion.attention_mask_annealing_iters applies to AR adaptation (pretraining), not SFT: set it to 0")
+        if self.diffusion.loss_normalization != "position":
+            e.append("diffusion.loss_normalization applies to pretraining; SFT's normaliser is sft.sft_loss_normalization "
+                     "(token | sequence | masked): leave diffusion.loss_normalization at position")
         return e

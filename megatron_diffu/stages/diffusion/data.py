@@ -14,7 +14,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from megatron_diffu.data.datasets import build_pretrain_datasets
-from megatron_diffu.data.loader import make_data_loader
+from megatron_diffu.data.loader import make_data_loader, unmaskable_ids
 from megatron_diffu.data.sft import (ConcatConversations, SFTCollator, SFTConversations, SFTDataConfig, SFTDataset,
                                      split_indices)
 from megatron_diffu.training.trainer import TrainingError
@@ -42,8 +42,12 @@ class PackedWindows:
 
     @staticmethod
     def _loader(dataset, trainer, tokenizer, consumed: int):
+        d = trainer.cfg.diffusion
+        # DiffuLLaMA masks every position, eod included (a base model learns to end documents);
+        # `mask_eod: false` keeps the eod/bos specials unmasked (docs/ALGORITHMS.md sec. 2.2)
+        unmaskable = () if d.mask_eod else unmaskable_ids(tokenizer)
         return make_data_loader(dataset, tokenizer, consumed, trainer.micro_batch_size, trainer.grid.dp_rank,
-                                trainer.grid.dp_size, trainer.cfg.data.num_workers)
+                                trainer.grid.dp_size, trainer.cfg.data.num_workers, unmaskable=unmaskable)
 
     def micro_batches(self, trainer) -> list[dict]:
         try:
@@ -92,7 +96,8 @@ class Conversations:
             train_ids, valid_ids = split_indices(len(convs), s.sft_valid_fraction, cfg.data.seed)
             valid = convs
         seq = cfg.data.seq_length
-        self.train_set = SFTDataset(convs, seq, cfg.data.seed, pack=s.sft_pack, indices=train_ids)
+        self.train_set = SFTDataset(convs, seq, cfg.data.seed, pack=s.sft_pack, indices=train_ids,
+                                    pack_pad_tokens=s.sft_pack_pad_tokens)
         self.collator = SFTCollator(seq, tokenizer.pad_id, s, seed=cfg.data.seed)
         if len(valid_ids):
             eval_collator = SFTCollator(seq, tokenizer.pad_id, SFTDataConfig(), seed=cfg.data.seed)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from megatron_diffu.diffusion import objective as obj
 from megatron_diffu.parallel.state import group_size
 
-SFT_NORMALIZATIONS = ("token", "sequence")
+SFT_NORMALIZATIONS = ("token", "sequence", "masked")
 
 
 # ------------------------------------------------------------------------------------ masking
@@ -85,11 +85,32 @@ def sequence_counts(batch: dict) -> tuple[torch.Tensor, int]:
 class PerPosition:
     name = "position"
 
-    def units(self, batch: dict) -> float:
+    def units(self, batch: dict, inputs=None) -> float:
         return float(batch["tokens"].numel())
 
     def global_total(self, micro_batches: list[dict], trainer) -> float:
         return float(trainer.global_batch_size * micro_batches[0]["tokens"].shape[1])
+
+    def divisor(self, total: float, inputs) -> float:
+        return total
+
+
+class PerMaskedToken:
+    """DiffuLLaMA's normaliser (its train.py: `(dsigma * loss).sum() / loss_mask.sum()` per
+    micro-batch, averaged over gradient-accumulation steps and DP ranks): each micro-batch divides
+    by its own masked count, times M = gbs / mbs micro-batches of the step, so the step's loss is
+    the mean of the micro-batch means (docs/ALGORITHMS.md sec. 2.4)."""
+
+    name = "masked"
+
+    def units(self, batch: dict, inputs=None) -> float:
+        return 0.0 if inputs is None else float(inputs.targets.numel())
+
+    def global_total(self, micro_batches: list[dict], trainer) -> float:
+        return float(trainer.global_batch_size // trainer.micro_batch_size)
+
+    def divisor(self, total: float, inputs) -> float:
+        return total * max(float(inputs.targets.numel()), 1.0)
 
 
 class PerMaskable:
@@ -98,7 +119,10 @@ class PerMaskable:
     def __init__(self, normalization: str = "token") -> None:
         self.normalization = normalization
 
-    def units(self, batch: dict) -> float:
+    def divisor(self, total: float, inputs) -> float:
+        return total
+
+    def units(self, batch: dict, inputs=None) -> float:
         """This micro-batch's share of the global normaliser: maskable tokens, or sequences."""
         if self.normalization == "token":
             return float(batch["maskable"].sum())

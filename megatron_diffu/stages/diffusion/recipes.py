@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from megatron_diffu.stages.diffusion.data import Conversations, PackedWindows
 from megatron_diffu.stages.diffusion.humaneval import PeriodicHumanEval
-from megatron_diffu.stages.diffusion.objective import DocumentMasking, PerMaskable, PerPosition, ResponseMasking
+from megatron_diffu.stages.diffusion.objective import (DocumentMasking, PerMaskable, PerMaskedToken, PerPosition,
+                                                     ResponseMasking)
 from megatron_diffu.stages.diffusion.stage import DiffusionStage
 
 
@@ -17,4 +18,5 @@ def sft_stage(cfg) -> DiffusionStage:
     HumanEval pass@1 every `sft.sft_eval_humaneval_interval` iterations when set."""
     n = cfg.sft.sft_loss_normalization
     hooks = [PeriodicHumanEval()] if cfg.sft.sft_eval_humaneval_interval else []
-    return DiffusionStage(Conversations(), ResponseMasking(n), PerMaskable(n), name="sft", hooks=hooks)
+    normaliser = PerMaskedToken() if n == "masked" else PerMaskable(n)  # masked: Dream's SFT (1/t, / #masked)
+    return DiffusionStage(Conversations(), ResponseMasking(n), normaliser, name="sft", hooks=hooks)

@@ -17,6 +17,7 @@ import torch
 
 from megatron_diffu.diffusion import objective as obj
 from megatron_diffu.parallel.pipeline import forward_backward
+from megatron_diffu.stages.diffusion.objective import PerMaskedToken
 from megatron_diffu.stages.tokens import model_forward, resolve_tokens, to_device
 from megatron_diffu.training.trainer import Stage, StepInputs, StepReport, Trainer
 
@@ -37,7 +38,13 @@ class DiffusionStage(Stage):
         """Before the model is built: the tokenizer fixes the (padded) vocabulary and the mask id."""
         tokens = resolve_tokens(cfg, tuple(cfg.diffusion.never_mask_token_ids), cfg.diffusion.mask_token_id)
         cfg.diffusion.mask_token_id = tokens.mask_token_id  # recorded in the checkpoint's run config
-        self.tokenizer, self.mask_token_id, self.special_ids = tokens.tokenizer, tokens.mask_token_id, tokens.special_ids
+        self.tokenizer, self.mask_token_id = tokens.tokenizer, tokens.mask_token_id
+        # ids a batch without its own `maskable` never masks: never_mask_token_ids, plus eod/bos
+        # unless they are maskable (`mask_eod`, the default: DiffuLLaMA masks every position)
+        never = set(cfg.diffusion.never_mask_token_ids)
+        self.special_ids = sorted(never if cfg.diffusion.mask_eod else set(tokens.special_ids) | never)
+        if self.normaliser.name == "position" and cfg.diffusion.loss_normalization == "masked":
+            self.normaliser = PerMaskedToken()  # pretraining's normaliser follows diffusion.loss_normalization
 
     def setup(self, trainer: Trainer) -> None:
         self.trainer = trainer
@@ -53,7 +60,8 @@ class DiffusionStage(Stage):
 
     def forward_step(self, model, batch: dict, input_tensor: Optional[torch.Tensor]):
         inputs = self.masking.noise(batch, self.trainer, self.mask_token_id, self.special_ids)
-        normaliser, units = float(batch["normaliser"]), self.normaliser.units(batch)
+        normaliser = self.normaliser.divisor(float(batch["normaliser"]), inputs)
+        units = self.normaliser.units(batch, inputs)
         extras = {"normaliser_units": torch.tensor(units)}
         if "response_mask" in batch:
             extras["response_tokens"] = torch.tensor(float(batch["response_mask"].sum()))

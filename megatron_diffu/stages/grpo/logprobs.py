@@ -39,8 +39,22 @@ def coupled_micro_batch(trainer, buf: RolloutBuffer, rows: range, inner: int, ma
         mb.update(advantages=buf.advantages[sl].to(dev), completion_mask=buf.completion_mask[sl].to(dev),
                   old_logp=None if old is None else old[sl].to(dev),
                   ref_logp=None if ref is None else ref[sl].to(dev),
-                  normaliser=float(buf.completion_mask.sum().clamp(min=1)))
+                  normaliser=loss_normaliser(trainer, buf, sl))
     return mb
+
+
+def loss_normaliser(trainer, buf: RolloutBuffer, rows: slice) -> float:
+    """What the micro-batch `rows` divides its summed token losses by (docs/ALGORITHMS.md sec. 5.4).
+
+    micro_batch (DiffuCoder's compute_loss + HF gradient accumulation + DDP mean): each micro-batch
+    takes the mean over its own completion tokens, and the step averages the M = gbs / mbs
+    micro-batch means, so the divisor is M * (completion tokens of this micro-batch).
+    global_tokens: every micro-batch divides by the completion tokens of the whole global batch.
+    """
+    if trainer.cfg.grpo.loss_normalization == "global_tokens":
+        return float(buf.completion_mask.sum().clamp(min=1))
+    per_step = trainer.global_batch_size // trainer.micro_batch_size
+    return float(buf.completion_mask[rows].sum().clamp(min=1)) * per_step
 
 
 def coupled_forward(model, batch: dict, input_tensor):

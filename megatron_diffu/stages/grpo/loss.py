@@ -1,6 +1,7 @@
 """The training forward step of coupled-GRPO: the current policy's coupled estimate, then
-`rl.loss.grpo_loss` (token-level clipped ratio + beta * k3 KL) divided by the GLOBAL number of
-completion tokens of the batch (trainer contract: the micro-batch losses add up to the batch loss)."""
+`rl.loss.grpo_loss` (token-level clipped ratio + beta * k3 KL) divided by the micro-batch's
+normaliser (`logprobs.loss_normaliser`: the mean of per-micro-batch token means, DiffuCoder's, or
+the global completion-token count); either way the micro-batch losses add up to the step's loss."""
 from __future__ import annotations
 
 from megatron_diffu.rl.coupled import coupled_from_logits

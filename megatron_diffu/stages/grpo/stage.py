@@ -7,11 +7,12 @@ made; the steps in between reuse it (TRL/DiffuCoder's inner iterations). A rollo
 prompts (prompts.py) -> completions (rollout.py) -> rewards and advantages (scoring.py) -> old and
 reference log-probs for every inner iteration (logprobs.py). Every step: the coupled loss
 (loss.py). After every `grpo.ref_model_sync_steps` steps the reference policy (reference.py) is
-re-synced to the policy.
+re-synced to the policy: ref <- alpha * policy + (1 - alpha) * ref (`grpo.ref_model_mixup_alpha`,
+TRL's 0.6; 1.0 = a hard copy).
 
-Lengths: `data.seq_length` bounds prompt + completion; a prompt longer than
-`seq_length - sampling.max_new_tokens` tokens is an error naming its line (drop long prompts with
-`tools/preprocess_rl.py --max-prompt-length`).
+Lengths: `data.seq_length` bounds prompt + completion; a prompt longer than `grpo.max_prompt_length`
+(default `seq_length - sampling.max_new_tokens`) keeps its last tokens (`grpo.long_prompts:
+truncate_left`, TRL/DiffuCoder) or is an error naming its line (`error`).
 
 Checkpoints: the data position is the iteration; the stage state holds the rollout buffer (so a
 resume mid-cycle continues with the same rollouts and log-probs) and the iteration of the last
@@ -55,6 +56,7 @@ class GRPOStage(Stage):
         self.buffer: Optional[RolloutBuffer] = None
         self._resume: Optional[dict] = None
         self._updates_since_sync = 0
+        self._ref_sync_was_copy = True
 
     # ------------------------------------------------------------------ construction
     def configure(self, cfg, world_size: int) -> None:
@@ -73,10 +75,15 @@ class GRPOStage(Stage):
             self.configure(trainer.cfg, trainer.grid.world_size)
         cfg, g = trainer.cfg, trainer.cfg.grpo
         self.problems = load_rl_problems(cfg.data.data_path[0], self.tokenizer, g.show_first_test, g.system_prompt,
-                                         cfg.data.seq_length - cfg.sampling.max_new_tokens, cfg.model.vocab_size)
+                                         g.max_prompt_length or cfg.data.seq_length - cfg.sampling.max_new_tokens,
+                                         cfg.model.vocab_size, template=g.prompt_template, long_prompts=g.long_prompts)
         configure_execution(timeout_s=g.reward_timeout_s, n_workers=g.reward_workers, memory_mb=g.reward_memory_mb,
-                            allow_basic_sandbox=g.reward_allow_basic_sandbox)
-        self.stop_ids = sorted({int(self.tokenizer.im_end_id), int(self.tokenizer.eod_id)})
+                            allow_basic_sandbox=g.reward_allow_basic_sandbox, format_rule=g.reward_format_rule,
+                            timeout_policy=g.reward_timeout_policy, problem_budget_s=g.reward_problem_budget_s)
+        self.stop_ids = sorted({int(self.tokenizer.im_end_id), int(self.tokenizer.eod_id)})  # sampler, reward text
+        named = {"im_end": int(self.tokenizer.im_end_id), "eod": int(self.tokenizer.eod_id)}
+        # the completion mask ends at the first of these (DiffuCoder: <|im_end|> only)
+        self.completion_stop_ids = sorted({named[n] for n in g.completion_stop_tokens})
         self.schedule = PromptSchedule(len(self.problems), self.prompts_per_step, cfg.data.seed)
         self.logprobs = LogProbPasses(trainer, self.mask_token_id)
         self._forward_step = grpo_forward_step(trainer)
@@ -94,14 +101,21 @@ class GRPOStage(Stage):
                 raise CheckpointError(f"GRPO resume: the checkpoint at --load {trainer.cfg.checkpoint.load} has no "
                                       f"reference policy (reference.*) of iteration {self.ref_sync_iteration}; resume "
                                       f"from a complete GRPO checkpoint or start with --finetune (fresh reference)")
-            self.reference.sync_from(trainer.model)
+            self.reference.sync_from(trainer.model)  # a fresh reference: a hard copy of the policy
+            resume = dict(resume, ref_sync_was_copy=True)
         self._updates_since_sync = trainer.iteration - self.ref_sync_iteration
+        self._ref_sync_was_copy = bool(resume.get("ref_sync_was_copy", True))
         buf = resume.get("buffer")
         self.buffer = RolloutBuffer(**buf) if buf else None
 
     @property
     def ref_model(self) -> Optional[torch.nn.Module]:
         return None if self.reference is None else self.reference.model
+
+    @property
+    def reference_is_policy(self) -> bool:
+        """The reference holds the policy's weights: no update since a hard-copy sync."""
+        return self._updates_since_sync == 0 and self._ref_sync_was_copy
 
     @property
     def prompts_per_step(self) -> int:
@@ -126,7 +140,7 @@ class GRPOStage(Stage):
         tokens = gather_dp(local.to(tr.device), tr.grid).cpu()
         t_gen = time.perf_counter() - t0
         real = real_token_mask(tokens, P, [len(p.prompt_ids) for p in row_problem])
-        comp = completion_mask_from(tokens, P, self.stop_ids)
+        comp = completion_mask_from(tokens, P, self.completion_stop_ids)
         t1 = time.perf_counter()
         rewards, comp_stats = score_rollouts(
             tr, lambda rows: [completion_text(self.tokenizer, tokens[r, P:].tolist(), self.stop_ids) for r in rows],
@@ -139,7 +153,7 @@ class GRPOStage(Stage):
         buf = RolloutBuffer(rollout_index, tokens, real, P, comp, torch.arange(gbs) + rollout_index * gbs,
                             rewards.float(), adv.float(), stats=stats)
         t2 = time.perf_counter()
-        self.logprobs.fill(buf, self.ref_model, reference_is_policy=self._updates_since_sync == 0)
+        self.logprobs.fill(buf, self.ref_model, reference_is_policy=self.reference_is_policy)
         return buf, {"rollout_s": t_gen, "reward_s": t_rew, "logp_passes_s": time.perf_counter() - t2}
 
     # ------------------------------------------------------------------ one step
@@ -192,14 +206,17 @@ class GRPOStage(Stage):
         self._updates_since_sync += 0 if metrics.get("skipped") else 1
         n = trainer.cfg.grpo.ref_model_sync_steps
         if self.reference is not None and n and trainer.iteration % n == 0:
-            self.reference.sync_from(trainer.model)
+            alpha = float(trainer.cfg.grpo.ref_model_mixup_alpha)
+            self.reference.sync_from(trainer.model, alpha)  # TRL's mixup (alpha 1: a hard copy)
             self.ref_sync_iteration = trainer.iteration
             self._updates_since_sync = 0
+            self._ref_sync_was_copy = alpha == 1.0
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:
         tr = self.trainer
-        return {"ref_sync_iteration": self.ref_sync_iteration, "rollout_index": (tr.iteration - 1) // self.mu,
+        return {"ref_sync_iteration": self.ref_sync_iteration, "ref_sync_was_copy": self._ref_sync_was_copy,
+                "rollout_index": (tr.iteration - 1) // self.mu,
                 "buffer": None if self.buffer is None else dict(self.buffer.__dict__)}
 
     def load_state_dict(self, state: dict) -> None:

@@ -156,7 +156,7 @@ def test_pack_plan_and_packed_batch_layout():
     lengths = np.array([5, 4, 6, 3, 9])
     rows = pack_plan(lengths, np.arange(5), 10)
     assert rows == [[0, 1], [2, 3], [4]]
-    b = SFTCollator(10, PAD, SFTDataConfig(sft_pack=True))([[conv(2, 3), conv(1, 3, 200)]], [0])
+    b = SFTCollator(10, PAD, SFTDataConfig(sft_pack=True, sft_pack_pad_tokens=0))([[conv(2, 3), conv(1, 3, 200)]], [0])
     assert b["segment_ids"][0].tolist() == [0] * 5 + [1] * 4 + [2]
     assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 0]
     assert b["maskable"][0].tolist() == [0, 0, 1, 1, 1, 0, 1, 1, 1, 0]  # fill padding: not maskable

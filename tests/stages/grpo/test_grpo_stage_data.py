@@ -14,7 +14,7 @@ from megatron_diffu.data.rl import (RL_TASK_IDS, heldout_eval_task_ids, humaneva
 from megatron_diffu.eval.humaneval import ProblemFormatError, load_humaneval
 from megatron_diffu.stages.grpo.rollout import completion_mask_from
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _write(path, records):
@@ -40,7 +40,7 @@ def test_long_prompts_and_foreign_vocabularies_are_refused(tmp_path):
     path = _write(tmp_path / "p.jsonl", [{"task_id": "a", "prompt": "q", "tests": ["assert 1"],
                                           "prompt_ids": list(range(10))}])
     with pytest.raises(ProblemFormatError, match="p.jsonl:1.*10 tokens > max_prompt_length=8"):
-        load_rl_problems(path, max_prompt_length=8)
+        load_rl_problems(path, max_prompt_length=8, long_prompts="error")
     with pytest.raises(ProblemFormatError, match="p.jsonl:1.*token id 9 >= vocabulary size 5"):
         load_rl_problems(path, vocab_size=5)
 
@@ -57,7 +57,8 @@ def test_preprocess_tool_writes_chat_prompts_with_the_first_test(tmp_path):
     rec = json.loads(out.read_text())
     tok = build_tokenizer("HuggingFaceTokenizer")
     text = tok.decode(rec["prompt_ids"])
-    assert text.startswith("<|im_start|>user\nWrite f returning 3.") and "assert f() == 3" in text
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                           "Write f returning 3.") and "assert f() == 3" in text
     assert "assert f() + 1 == 4" not in text  # only the first test is shown
     assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
     bad = _write(tmp_path / "bad.jsonl", [{"task_id": "t/0", "question": "q"}])

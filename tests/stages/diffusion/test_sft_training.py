@@ -163,7 +163,7 @@ def _tp_worker(rank):
     from megatron_diffu.parallel.state import ProcessGrid
 
     rows = toy_rows()
-    coll = SFTCollator(24, pad_id=0, cfg=SFTDataConfig(sft_pack=True))
+    coll = SFTCollator(24, pad_id=0, cfg=SFTDataConfig(sft_pack=True, sft_pack_pad_tokens=0))
     packed = coll([rows[:2], rows[2:]], [10, 11])  # two packed rows (block-diagonal 4-D masks)
     plain = SFTCollator(24, pad_id=0)([[rows[0]], [rows[2]]], [12, 13])
     cfg = TransformerConfig.from_preset("tiny", seed=4)
@@ -189,7 +189,7 @@ def test_sft_loss_and_gradients_tp2_equal_tp1():
 def test_packed_logits_equal_each_conversation_alone():
     rows = toy_rows()
     model = DiffusionTransformer(TransformerConfig.from_preset("tiny", seed=2)).eval()
-    packed = SFTCollator(40, pad_id=0, cfg=SFTDataConfig(sft_pack=True))([rows[:3]], [0])
+    packed = SFTCollator(40, pad_id=0, cfg=SFTDataConfig(sft_pack=True, sft_pack_pad_tokens=0))([rows[:3]], [0])
     x = packed["tokens"].clone()
     x[packed["maskable"] & (torch.arange(40) % 3 == 0)] = MASK  # some noise, as in training
     with torch.no_grad():

@@ -1,0 +1,383 @@
+"""The mini DiffuCoder reproduction (issue 18): `python -m megatron_diffu.repro.mini [--quick] [--out DIR]`.
+
+Stages (each one's result is saved under OUT/stages/<name>.json; a rerun skips finished stages, and
+the training stages resume from their own checkpoints):
+
+  data          tasks (tasks.py), pretraining/SFT files (files.py), a SentencePiece tokenizer trained on
+                the corpus, tools/preprocess_data.py + tools/preprocess_sft.py
+  pretrain      python -m megatron_diffu.pretrain --config examples/mini_repro/pretrain.yaml
+  sft           python -m megatron_diffu.sft --config examples/mini_repro/sft.yaml (from pretrain)
+  select_rl     SFT samples on an RL pool of training-split problems; problems with an intermediate
+                pass rate kept (hard-sample selection); tools/preprocess_rl.py
+  coupled_grpo  python -m megatron_diffu.grpo --config examples/mini_repro/grpo.yaml --estimator coupled
+  d1_grpo       the same with --estimator d1 (same rollout budget)
+  sft_continued the SFT stage continued from the SFT checkpoint for the same number of steps
+  eval_<arm>    held-out pass@1 greedy and T=0.2 (bootstrap 95% CI), pass@10 at T=1.0, per split
+  arness        local/global AR-ness at T=0.2 and 1.2 (one token per step), SFT vs coupled-GRPO
+  samplers      exact vs two-per-step vs threshold vs blocks+cache on the coupled-GRPO model
+  report        OUT/report.json, OUT/report.md, OUT/*.png
+
+Completions only ever run in the sandbox (execution.sandbox via eval.humaneval / rl.rewards).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS = os.path.join(REPO, "examples", "mini_repro")
+ARMS = ("sft", "coupled_grpo", "d1_grpo", "sft_continued")
+
+
+@dataclass
+class Settings:
+    """Sizes and budgets of one run (`SETTINGS[mode]`); seconds are planned values for the ETA."""
+    n_train: int = 6000             # training-split problems (pretraining corpus + SFT pairs)
+    n_rl_pool: int = 160            # training-split problems the RL set is selected from
+    n_heldout_constants: int = 120
+    n_heldout_templates: int = 80
+    stdlib_bytes: int = 1_500_000
+    vocab_size: int = 1000
+    pretrain_iters: int = 1000
+    sft_iters: int = 1600
+    rl_iters: int = 60              # GRPO steps per arm (= SFT-continued steps)
+    rl_select_samples: int = 4
+    rl_min_problems: int = 16
+    n_pass10: int = 50              # held-out problems given 10 samples at T=1.0
+    n_arness: int = 50
+    n_samplers: int = 200
+    max_new_tokens: int = 48
+    steps: int = 24
+    batch_size: int = 64
+    seed: int = 0
+    train_flags: str = ""           # extra flags for every training stage (e.g. a smaller model for smoke tests)
+    grpo_flags: str = ""            # extra flags for the GRPO stages
+
+
+SETTINGS = {
+    "full": Settings(),
+    "quick": Settings(n_train=6000, n_rl_pool=64, n_heldout_constants=30, n_heldout_templates=20,
+                      stdlib_bytes=400_000, pretrain_iters=200, sft_iters=600, rl_iters=16, n_pass10=10,
+                      n_arness=16, n_samplers=30, rl_min_problems=8),
+    "tiny": Settings(n_train=300, n_rl_pool=16, n_heldout_constants=6, n_heldout_templates=4, stdlib_bytes=20_000,
+                     vocab_size=400, pretrain_iters=4, sft_iters=4, rl_iters=2, rl_select_samples=2,
+                     rl_min_problems=2, n_pass10=2, n_arness=2, n_samplers=4, max_new_tokens=16, steps=8,
+                     batch_size=16, train_flags="--num-layers 1 --hidden-size 32 --ffn-hidden-size 64 "
+                     "--num-attention-heads 2 --num-query-groups 1 --micro-batch-size 4 --global-batch-size 4",
+                     grpo_flags="--num-generations 2 --logp-chunk-size 4"),
+}
+# planned share of the wall time per stage (for the ETA before a stage has run)
+PLAN = {"data": 0.02, "pretrain": 0.2, "sft": 0.22, "select_rl": 0.03, "coupled_grpo": 0.12, "d1_grpo": 0.1,
+        "sft_continued": 0.03, "eval_sft": 0.05, "eval_coupled_grpo": 0.05, "eval_d1_grpo": 0.05,
+        "eval_sft_continued": 0.05, "arness": 0.04, "samplers": 0.04, "report": 0.0}
+BUDGET_S = {"full": 2700, "quick": 720, "tiny": 60}
+
+
+def log(msg: str) -> None:
+    print(f"[mini {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Run:
+    def __init__(self, out: str, mode: str, settings: Settings, python: str = sys.executable) -> None:
+        self.out, self.mode, self.s, self.python = os.path.abspath(out), mode, settings, python
+        self.data = os.path.join(self.out, "data")
+        os.makedirs(os.path.join(self.out, "stages"), exist_ok=True)
+        os.makedirs(self.data, exist_ok=True)
+        self.env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
+                        PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self._tok = None
+        self._problems: dict = {}
+
+    # ------------------------------------------------------------------ bookkeeping
+    def path(self, *p: str) -> str:
+        return os.path.join(self.out, *p)
+
+    def result(self, name: str) -> Optional[dict]:
+        p = self.path("stages", f"{name}.json")
+        if os.path.exists(p):
+            with open(p) as f:
+                return json.load(f)
+        return None
+
+    def save_result(self, name: str, obj: dict) -> None:
+        from megatron_diffu.common.atomic import atomic_write_json
+
+        atomic_write_json(self.path("stages", f"{name}.json"), obj)
+
+    def sh(self, args: list[str], log_name: str) -> None:
+        if "-m" in args and any(a.startswith("megatron_diffu.") for a in args):
+            args = args + self.s.train_flags.split() + (self.s.grpo_flags.split() if "megatron_diffu.grpo" in args else [])
+        logf = self.path("logs", log_name + ".log")
+        os.makedirs(os.path.dirname(logf), exist_ok=True)
+        log(f"$ {' '.join(args)}  (log: {logf})")
+        with open(logf, "a") as f:
+            proc = subprocess.Popen(args, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, bufsize=1)
+            for line in proc.stdout:
+                f.write(line)
+                if any(w in line for w in ("iteration", "error", "Error", "wrote", "[grpo]", "ETA")):
+                    print("    " + line.rstrip()[:220], flush=True)
+            rc = proc.wait()
+        if rc != 0:
+            raise RuntimeError(f"{args[:3]} failed with exit code {rc}; see {logf}")
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            from megatron_diffu.data.tokenizer import build_tokenizer
+
+            self._tok = build_tokenizer("SentencePieceTokenizer", self.path("data", "sp.model"))
+        return self._tok
+
+    def problems(self, split: str) -> list[dict]:
+        if split not in self._problems:
+            from megatron_diffu.execution.problems import read_jsonl
+
+            self._problems[split] = [r for _, r in read_jsonl(self.path("data", f"problems_{split}.jsonl"))]
+        return self._problems[split]
+
+    def heldout(self) -> list[dict]:
+        return self.problems("heldout_constants") + self.problems("heldout_templates")
+
+    def tok_flags(self) -> list[str]:
+        return ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", self.path("data", "sp.model")]
+
+    def ckpt(self, arm: str) -> str:
+        return self.path("checkpoints", arm)
+
+    # ------------------------------------------------------------------ stages
+    def stage_data(self) -> dict:
+        from megatron_diffu.data.tokenizer import train_sentencepiece
+        from megatron_diffu.repro import files, tasks
+
+        s = self.s
+        train = tasks.generate("train", s.n_train, s.seed)
+        pool = tasks.generate("train", s.n_rl_pool, s.seed, prefix="rlpool")
+        hc = tasks.generate("heldout_constants", s.n_heldout_constants, s.seed)
+        ht = tasks.generate("heldout_templates", s.n_heldout_templates, s.seed)
+        for name, ts in (("train", train), ("rlpool", pool), ("heldout_constants", hc), ("heldout_templates", ht)):
+            files.write_problems(self.path("data", f"problems_{name}.jsonl"), ts)
+        docs = files.pretrain_documents(train, s.stdlib_bytes, s.seed)
+        sft = files.sft_records(train)
+        files.write_jsonl(self.path("data", "pretrain.jsonl"), docs)
+        files.write_jsonl(self.path("data", "sft.jsonl"), sft)
+        corpus = files.write_tokenizer_corpus(self.path("data", "tokenizer_corpus.txt"), docs, sft)
+        log(f"training a SentencePiece tokenizer (vocab {s.vocab_size}) on {os.path.getsize(corpus):,} bytes")
+        train_sentencepiece([corpus], s.vocab_size, self.path("data", "sp"))
+        self.sh([self.python, "tools/preprocess_data.py", "--input", self.path("data", "pretrain.jsonl"),
+                 "--json-keys", "text", "--append-eod", "--workers", "1", "--output-prefix",
+                 self.path("data", "pretrain"), *self.tok_flags(), "--log-interval", "0"], "preprocess_data")
+        self.sh([self.python, "tools/preprocess_sft.py", "--input", self.path("data", "sft.jsonl"), "--output-prefix",
+                 self.path("data", "sft"), *self.tok_flags()], "preprocess_sft")
+        tok = self.tokenizer
+        resp = [len(tok.encode(r["response"])) + 1 for r in sft[:500]]
+        prompt = [len(tok.apply_chat_template([{"role": "user", "content": r["prompt"]}])) for r in sft[:500]]
+        return {"n_train": len(train), "n_rl_pool": len(pool), "n_heldout_constants": len(hc),
+                "n_heldout_templates": len(ht), "templates_train": len(tasks.train_templates()),
+                "templates_heldout": len(tasks.heldout_templates()), "pretrain_docs": len(docs),
+                "tokenizer_vocab": tok.vocab_size, "response_tokens_max": max(resp),
+                "response_tokens_mean": sum(resp) / len(resp), "prompt_tokens_max": max(prompt)}
+
+    def stage_pretrain(self) -> dict:
+        ck = self.ckpt("pretrain")
+        self.sh([self.python, "-m", "megatron_diffu.pretrain", "--config", os.path.join(CONFIGS, "pretrain.yaml"),
+                 "--data-path", self.path("data", "pretrain_text_document"), *self.tok_flags(),
+                 "--train-iters", str(self.s.pretrain_iters), "--save", ck, "--load", ck,
+                 "--save-interval", str(max(1, min(200, self.s.pretrain_iters))),
+                 "--log-file", self.path("logs", "pretrain_train.log")], "pretrain")
+        return {"iters": self.s.pretrain_iters, "log": self.path("logs", "pretrain_train.log.jsonl")}
+
+    def _finetune_flags(self, save: str, parent: str) -> list[str]:
+        from megatron_diffu.training.checkpointing import has_checkpoint
+
+        if has_checkpoint(save):  # resume this stage's own run
+            return ["--save", save, "--load", save, "--no-finetune"]
+        return ["--save", save, "--load", parent, "--finetune"]
+
+    def _sft(self, arm: str, parent: str, iters: int) -> dict:
+        ck = self.ckpt(arm)
+        self.sh([self.python, "-m", "megatron_diffu.sft", "--config", os.path.join(CONFIGS, "sft.yaml"),
+                 "--data-path", self.path("data", "sft"), *self.tok_flags(), "--train-iters", str(iters),
+                 *self._finetune_flags(ck, parent), "--save-interval", str(max(1, min(200, iters))),
+                 "--log-file", self.path("logs", f"{arm}_train.log")], arm)
+        return {"iters": iters, "checkpoint": ck, "log": self.path("logs", f"{arm}_train.log.jsonl")}
+
+    def stage_sft(self) -> dict:
+        return self._sft("sft", self.ckpt("pretrain"), self.s.sft_iters)
+
+    def sampling(self, **kw):
+        from megatron_diffu.diffusion.sampling import SamplingConfig
+
+        base = dict(max_new_tokens=self.s.max_new_tokens, steps=self.s.steps, temperature=0.0, alg="entropy")
+        base.update(kw)
+        return SamplingConfig(**base).validate()
+
+    def policy(self, arm: str):
+        from megatron_diffu.repro.evaluate import Policy
+
+        return Policy.load(self.ckpt(arm), self.tokenizer)
+
+    def stage_select_rl(self) -> dict:
+        """Hard-sample selection: keep RL-pool problems whose SFT samples have a mean test pass rate in (0, 1)."""
+        from megatron_diffu.execution.problems import problem_from_record
+        from megatron_diffu.repro.evaluate import generate, load_problem_records
+        from megatron_diffu.rl.rewards import configure_execution, pass_rates
+
+        pool = self.problems("rlpool")[:self.s.n_rl_pool]
+        probs = load_problem_records(pool)
+        samples = generate(self.policy("sft"), probs, self.sampling(temperature=1.0, top_p=0.95),
+                           self.s.rl_select_samples, self.s.batch_size, key="select")
+        configure_execution(timeout_s=3.0, n_workers=2, no_site=True)
+        rates = pass_rates([s["answer"] for s in samples], [probs[s["task_id"]] for s in samples])
+        by: dict = {}
+        for s, r in zip(samples, rates):
+            by.setdefault(s["task_id"], []).append(r)
+        mean = {t: sum(v) / len(v) for t, v in by.items()}
+        mid = [t for t, m in mean.items() if 0 < m < 1]
+        chosen = list(mid)
+        if len(chosen) < self.s.rl_min_problems:  # too few: fill with the closest-to-intermediate ones
+            rest = sorted((t for t in mean if t not in mid), key=lambda t: abs(mean[t] - 0.5))
+            chosen += rest[:self.s.rl_min_problems - len(chosen)]
+        keep = set(chosen)
+        raw = self.path("data", "rl_raw.jsonl")
+        from megatron_diffu.repro.files import write_jsonl
+
+        write_jsonl(raw, [{k: r[k] for k in ("task_id", "prompt", "entry_point", "tests", "include_prompt")}
+                          for r in pool if r["task_id"] in keep])
+        self.sh([self.python, "tools/preprocess_rl.py", "--input", raw, "--output", self.path("data", "rl.jsonl"),
+                 *self.tok_flags(), "--no-show-first-test", "--max-prompt-length", str(128 - self.s.max_new_tokens)],
+                "preprocess_rl")
+        del problem_from_record
+        return {"pool": len(pool), "intermediate": len(mid), "all_zero": sum(m == 0 for m in mean.values()),
+                "all_one": sum(m == 1 for m in mean.values()), "selected": len(chosen),
+                "pool_mean_pass_rate": sum(mean.values()) / max(1, len(mean))}
+
+    def _grpo(self, arm: str, estimator: str) -> dict:
+        ck = self.ckpt(arm)
+        self.sh([self.python, "-m", "megatron_diffu.grpo", "--config", os.path.join(CONFIGS, "grpo.yaml"),
+                 "--data-path", self.path("data", "rl.jsonl"), *self.tok_flags(), "--estimator", estimator,
+                 "--train-iters", str(self.s.rl_iters), *self._finetune_flags(ck, self.ckpt("sft")),
+                 "--max-new-tokens", str(self.s.max_new_tokens), "--steps", str(self.s.steps),
+                 "--save-interval", str(max(1, min(20, self.s.rl_iters))),
+                 "--log-file", self.path("logs", f"{arm}_train.log")], arm)
+        return {"iters": self.s.rl_iters, "estimator": estimator, "checkpoint": ck,
+                "log": self.path("logs", f"{arm}_train.log.jsonl")}
+
+    def stage_coupled_grpo(self) -> dict:
+        return self._grpo("coupled_grpo", "coupled")
+
+    def stage_d1_grpo(self) -> dict:
+        return self._grpo("d1_grpo", "d1")
+
+    def stage_sft_continued(self) -> dict:
+        # the SFT stage from the SFT checkpoint, as many optimizer steps as each RL arm took
+        return self._sft("sft_continued", self.ckpt("sft"), self.s.rl_iters)
+
+    def _evaluate(self, arm: str) -> dict:
+        from megatron_diffu.repro.eval_stages import evaluate_arm
+
+        return evaluate_arm(self, arm)
+
+    def stage_arness(self) -> dict:
+        from megatron_diffu.repro.eval_stages import arness_stage
+
+        return arness_stage(self)
+
+    def stage_samplers(self) -> dict:
+        from megatron_diffu.repro.eval_stages import samplers_stage
+
+        return samplers_stage(self)
+
+    def stage_report(self) -> dict:
+        from megatron_diffu.repro.report import write_report
+
+        return write_report(self)
+
+    # ------------------------------------------------------------------ driver
+    def stages(self) -> list[tuple[str, Callable[[], dict]]]:
+        st = [("data", self.stage_data), ("pretrain", self.stage_pretrain), ("sft", self.stage_sft),
+              ("eval_sft", lambda: self._evaluate("sft")),  # where SFT stands, before any RL
+              ("select_rl", self.stage_select_rl), ("coupled_grpo", self.stage_coupled_grpo),
+              ("d1_grpo", self.stage_d1_grpo), ("sft_continued", self.stage_sft_continued)]
+        st += [(f"eval_{a}", (lambda a=a: self._evaluate(a))) for a in ARMS if a != "sft"]
+        st += [("arness", self.stage_arness), ("samplers", self.stage_samplers), ("report", self.stage_report)]
+        return st
+
+    def run(self, only: Optional[list[str]] = None) -> int:
+        t_start = time.time()
+        meta = self.result("_meta") or {"wall_s_before": 0.0, "stage_s": {}}
+        stages = self.stages()
+        budget = BUDGET_S.get(self.mode, 600)
+        for i, (name, fn) in enumerate(stages, 1):
+            if only and name not in only:
+                continue
+            if self.result(name) is not None and name != "report":
+                log(f"stage {i}/{len(stages)} {name}: done already (skipped)")
+                continue
+            done_s = sum(meta["stage_s"].values())
+            left_plan = sum(PLAN.get(n, 0.0) for n, _ in stages[i - 1:]) * budget
+            planned_done = sum(PLAN.get(n, 0.0) for n in meta["stage_s"]) * budget
+            scale = done_s / planned_done if planned_done > 0 else 1.0
+            from megatron_diffu.common.progress import format_eta
+
+            log(f"stage {i}/{len(stages)} {name} (planned {format_eta(PLAN.get(name, 0) * budget * scale)}; "
+                f"ETA of the run {format_eta(left_plan * scale)})")
+            t0 = time.time()
+            res = fn()
+            dt = time.time() - t0
+            meta["stage_s"][name] = dt
+            if name != "report":
+                self.save_result(name, {**res, "wall_s": dt})
+            self.save_result("_meta", meta)
+            log(f"stage {name} done in {format_eta(dt)}")
+        log(f"finished: {self.path('report.json')} (this invocation {time.time() - t_start:.0f} s)")
+        return 0
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    import torch
+
+    return f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__}, threads {torch.get_num_threads()}"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the 12-minute setting (50 held-out problems)")
+    p.add_argument("--mode", choices=sorted(SETTINGS), default=None, help="full | quick | tiny (smoke test)")
+    p.add_argument("--out", default=None, help="output folder (default runs/mini_repro, runs/mini_repro_quick)")
+    p.add_argument("--only", nargs="*", default=None, help="run only these stages (others must be done)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a Settings field")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    mode = a.mode or ("quick" if a.quick else "full")
+    s = SETTINGS[mode]
+    for kv in a.set:
+        k, v = kv.split("=", 1)
+        s = replace(s, **{k: type(getattr(s, k))(v)})
+    out = a.out or os.path.join(REPO, "runs", "mini_repro" if mode == "full" else f"mini_repro_{mode}")
+    run = Run(out, mode, s)
+    from megatron_diffu.common.atomic import atomic_write_json
+
+    atomic_write_json(run.path("settings.json"), {"mode": mode, **asdict(s), "machine": machine()})
+    log(f"mode {mode}, out {run.out}; machine: {machine()}")
+    return run.run(a.only)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
