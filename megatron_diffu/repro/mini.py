@@ -7,6 +7,7 @@ the training stages resume from their own checkpoints):
                 the corpus, tools/preprocess_data.py + tools/preprocess_sft.py
   pretrain      python -m megatron_diffu.pretrain --config examples/mini_repro/pretrain.yaml
   sft           python -m megatron_diffu.sft --config examples/mini_repro/sft.yaml (from pretrain)
+  eval_sft      where SFT stands, before any RL (same evaluation as the eval_<arm> stages below)
   select_rl     SFT samples on an RL pool of training-split problems; problems with an intermediate
                 pass rate kept (hard-sample selection); tools/preprocess_rl.py
   coupled_grpo  python -m megatron_diffu.grpo --config examples/mini_repro/grpo.yaml --estimator coupled
@@ -56,6 +57,7 @@ class Settings:
     max_new_tokens: int = 48
     steps: int = 24
     batch_size: int = 64
+    rl_seq_length: int = 128        # GRPO prompt + completion (prompts longer than this - max_new_tokens dropped)
     seed: int = 0
     train_flags: str = ""           # extra flags for every training stage (e.g. a smaller model for smoke tests)
     grpo_flags: str = ""            # extra flags for the GRPO stages
@@ -69,7 +71,7 @@ SETTINGS = {
     "tiny": Settings(n_train=300, n_rl_pool=16, n_heldout_constants=6, n_heldout_templates=4, stdlib_bytes=20_000,
                      vocab_size=400, pretrain_iters=4, sft_iters=4, rl_iters=2, rl_select_samples=2,
                      rl_min_problems=2, n_pass10=2, n_arness=2, n_samplers=4, max_new_tokens=16, steps=8,
-                     batch_size=16, train_flags="--num-layers 1 --hidden-size 32 --ffn-hidden-size 64 "
+                     batch_size=16, rl_seq_length=256, train_flags="--num-layers 1 --hidden-size 32 --ffn-hidden-size 64 "
                      "--num-attention-heads 2 --num-query-groups 1 --micro-batch-size 4 --global-batch-size 4",
                      grpo_flags="--num-generations 2 --logp-chunk-size 4"),
 }
@@ -252,7 +254,7 @@ class Run:
         write_jsonl(raw, [{k: r[k] for k in ("task_id", "prompt", "entry_point", "tests", "include_prompt")}
                           for r in pool if r["task_id"] in keep])
         self.sh([self.python, "tools/preprocess_rl.py", "--input", raw, "--output", self.path("data", "rl.jsonl"),
-                 *self.tok_flags(), "--no-show-first-test", "--max-prompt-length", str(128 - self.s.max_new_tokens)],
+                 *self.tok_flags(), "--no-show-first-test", "--max-prompt-length", str(self.s.rl_seq_length - self.s.max_new_tokens)],
                 "preprocess_rl")
         del problem_from_record
         return {"pool": len(pool), "intermediate": len(mid), "all_zero": sum(m == 0 for m in mean.values()),
@@ -262,7 +264,7 @@ class Run:
     def _grpo(self, arm: str, estimator: str) -> dict:
         ck = self.ckpt(arm)
         self.sh([self.python, "-m", "megatron_diffu.grpo", "--config", os.path.join(CONFIGS, "grpo.yaml"),
-                 "--data-path", self.path("data", "rl.jsonl"), *self.tok_flags(), "--estimator", estimator,
+                 "--data-path", self.path("data", "rl.jsonl"), *self.tok_flags(), "--estimator", estimator, "--seq-length", str(self.s.rl_seq_length),
                  "--train-iters", str(self.s.rl_iters), *self._finetune_flags(ck, self.ckpt("sft")),
                  "--max-new-tokens", str(self.s.max_new_tokens), "--steps", str(self.s.steps),
                  "--save-interval", str(max(1, min(20, self.s.rl_iters))),
@@ -353,6 +355,17 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__}, threads {torch.get_num_threads()}"
 
 
+def generator_fingerprint() -> str:
+    """sha256 (12 hex) of the task generator and file builders: a changed generator means new data."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ("tasks.py", "files.py"):
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:12]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the 12-minute setting (50 held-out problems)")
@@ -374,7 +387,16 @@ def main(argv=None) -> int:
     run = Run(out, mode, s)
     from megatron_diffu.common.atomic import atomic_write_json
 
-    atomic_write_json(run.path("settings.json"), {"mode": mode, **asdict(s), "machine": machine()})
+    want = {"mode": mode, **asdict(s), "generator": generator_fingerprint()}
+    saved_path = run.path("settings.json")
+    if os.path.exists(saved_path) and run.result("data") is not None:
+        with open(saved_path) as f:
+            saved = {k: v for k, v in json.load(f).items() if k != "machine"}
+        if saved != want:  # resuming with other settings or another task generator would mix two runs
+            diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
+            raise SystemExit(f"error: {run.out} was made with other settings ({', '.join(diff)}); "
+                             f"use another --out or delete it")
+    atomic_write_json(saved_path, {**want, "machine": machine()})
     log(f"mode {mode}, out {run.out}; machine: {machine()}")
     return run.run(a.only)
 

@@ -150,9 +150,8 @@ HELDOUT_TEMPLATES = frozenset([
     "sop_map:reverse", "sop_scalar:replace", "spred_filter:ends", "spred_count:longer",
 ] + [f"filter_sum:{o}|{q}" for o in ("add", "mul", "square") for q in ("even", "gt", "div")])
 
-FUNC_NAMES = ("solve", "compute", "transform", "process", "calc", "apply_rule", "helper", "evaluate",
-              "do_task", "run", "handle", "convert", "verify", "pick", "select", "step", "result", "answer",
-              "work", "fn", "func", "task", "operate", "mapper", "reduce_it", "scan", "walk", "measure")
+FUNC_NAMES = ("solve", "compute", "transform", "process", "helper", "apply_rule")  # few: copying a name is
+# learnt late by a small model (a 2.6M model after 800 steps still wrote the most frequent one)
 LIST_NAMES = ("xs", "nums", "values", "items")
 WORD_NAMES = ("words", "strings", "names")
 ELEM_NAMES = ("x", "v", "e")
