@@ -29,9 +29,9 @@ one implementation resumes in the other and reshards like the weights.
 Memory: param buffer (model dtype) + fp32 grads + fp32 master (unless fp32 without ZeRO) +
 exp_avg + exp_avg_sq.
 
-Update kernels. fp32 models (default): the per-op formula below (~8 elementwise passes; its
-denominator in a scratch of at most `_STEP_CHUNK` elements, not a fourth full fp32 buffer), which
-reproduces earlier runs bit for bit. bf16/fp16 models (default), or `fused=True` / the class
+Update kernels. fp32 models (default): the per-op formula below (clip + ~8 elementwise ops, run
+chunk by chunk of `_STEP_CHUNK` elements so a chunk stays in cache between them; the denominator
+in a scratch of one chunk, not a fourth full fp32 buffer), which reproduces earlier runs bit for bit. bf16/fp16 models (default), or `fused=True` / the class
 attribute `use_fused`: torch's fused AdamW kernel (`torch._fused_adamw_`, what
 `torch.optim.AdamW(fused=True)` runs; CPU and CUDA), one pass over p, g, m, v with the clip factor
 folded in as its `grad_scale` (100M fp32 parameters on a 2-core CPU: ~0.08 s instead of ~0.45 s).
@@ -64,7 +64,8 @@ from megatron_diffu.parallel.state import group_rank, group_size
 
 
 _DOT_CHUNK = 1 << 28  # elements per dot in grad_norm (CUDA refuses > 2^31; results identical below it)
-_STEP_CHUNK = 1 << 25  # elements per Adam chunk: the denominator scratch is this big, not a 4th buffer
+_STEP_CHUNK = 1 << 19  # elements per Adam chunk (2 MB/array: cache-resident between its ~9 ops; 2^19 vs 2^25:
+# 100M fp32 params ~0.10 s vs ~0.16 s on 2 cores); the denominator scratch is this big, not a 4th buffer
 _ALIGN = 64  # fused-kernel views start/end at multiples of this (>= 2 AVX-512 vectors) of the flat buffer
 _FUSED = getattr(torch, "_fused_adamw_", None)
 
@@ -282,14 +283,14 @@ class MixedPrecisionAdamW:
 
     def _per_op_step(self, lr: float, g: torch.Tensor, clip_coef: Optional[float]) -> None:
         cfg = self.cfg
-        if clip_coef is not None:
-            g.mul_(clip_coef)  # in place: the buffer is zeroed before the next step
         b1, b2 = cfg.adam_beta1, cfg.adam_beta2
         bc1, bc2 = 1.0 - b1 ** self.step_count, 1.0 - b2 ** self.step_count
         for sa, sb, decay, _ in self._segments:  # elementwise: chunking changes no bit
             for a in range(sa, sb, _STEP_CHUNK):
                 b = min(sb, a + _STEP_CHUNK)
                 p, m, v, gr = self.master[a:b], self.exp_avg[a:b], self.exp_avg_sq[a:b], g[a:b]
+                if clip_coef is not None:  # per chunk, while it is in cache; the buffer is zeroed next step
+                    gr.mul_(clip_coef)
                 if decay and cfg.weight_decay:
                     p.mul_(1.0 - lr * cfg.weight_decay)
                 m.lerp_(gr, 1.0 - b1)
@@ -338,33 +339,10 @@ class MixedPrecisionAdamW:
                     t = flat[e.start:e.start + e.numel].view(e.shape)
                     yield kind, e.name, (t if device is None else t.to(device))
                     continue
-                full = self._gather_entry(flat, e)
+                full = _gather_entry(self, flat, e)
                 if full is not None:
                     yield kind, e.name, full.view(e.shape) if device is None else full.view(e.shape).to(device)
                 del full
-
-    def _gather_entry(self, flat: torch.Tensor, e: _Entry) -> Optional[torch.Tensor]:
-        """Entry `e`'s range of a ZeRO-sharded flat state, assembled on its owner (1-D fp32; None
-        on the other ranks): the DP ranks holding pieces send them point to point, so the device
-        transient is one parameter on the owner and nothing on the senders."""
-        size = self.padded // self.dp_size
-        owner = self.state_owner(e)
-        spans = [(max(e.start, r * size), min(e.start + e.numel, (r + 1) * size)) for r in range(self.dp_size)]
-        ranks = getattr(self.grid, "dp_ranks", None) or list(range(self.dp_size))
-        if self.dp_rank != owner:
-            a, b = spans[self.dp_rank]
-            if b > a:
-                dist.send(flat[a - self.lo:b - self.lo].contiguous(), dst=ranks[owner], group=self.dp_group)
-            return None
-        full = torch.empty(e.numel, dtype=flat.dtype, device=flat.device)
-        for r, (a, b) in enumerate(spans):
-            if b <= a:
-                continue
-            if r == self.dp_rank:
-                full[a - e.start:b - e.start].copy_(flat[a - self.lo:b - self.lo])
-            else:
-                dist.recv(full[a - e.start:b - e.start], src=ranks[r], group=self.dp_group)
-        return full
 
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         """{kind: {canonical name: local (TP-shard) tensor}} of this rank's part of the state (see
@@ -383,29 +361,54 @@ class MixedPrecisionAdamW:
         """Inverse of `state_tensors` (local TP-shard tensors per canonical name, any device; only
         `needed_state_names()` are required); fp32 masters default to the params."""
         for kind, target in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
-            self._scatter_into(target, state.get(kind, {}), kind)
+            _scatter_into(self, target, state.get(kind, {}), kind)
         if not self.master_is_param:
             if "fp32_param" in state:
-                self._scatter_into(self.master, state["fp32_param"], "fp32_param")
+                _scatter_into(self, self.master, state["fp32_param"], "fp32_param")
             else:
                 self.master.copy_(self.param_buffer[self.lo:self.hi].float())
         self.step_count = int(step_count)
-
-    def _scatter_into(self, shard: torch.Tensor, tensors: dict[str, torch.Tensor], kind: str) -> None:
-        for e in self.entries:
-            a, b = max(e.start, self.lo), min(e.start + e.numel, self.hi)
-            if a >= b:
-                continue
-            if e.name not in tensors:
-                raise KeyError(f"optimizer state {kind} of {e.name} missing from the checkpoint "
-                               f"(use --no-load-optim to start the optimizer fresh)")
-            flat = tensors[e.name].reshape(-1)
-            shard[a - self.lo:b - self.lo].copy_(flat[a - e.start:b - e.start].to(shard.device, shard.dtype))
 
     def sync_master_from_params(self) -> None:
         """After loading model weights into the parameters: refresh the fp32 master copy."""
         if not self.master_is_param:
             self.master.copy_(self.param_buffer[self.lo:self.hi].float())
+
+
+def _gather_entry(opt: "MixedPrecisionAdamW", flat: torch.Tensor, e: _Entry) -> Optional[torch.Tensor]:
+    """Entry `e`'s range of a ZeRO-sharded flat state, assembled on its owner (1-D fp32; None
+    on the other ranks): the DP ranks holding pieces send them point to point, so the device
+    transient is one parameter on the owner and nothing on the senders."""
+    size = opt.padded // opt.dp_size
+    owner = opt.state_owner(e)
+    spans = [(max(e.start, r * size), min(e.start + e.numel, (r + 1) * size)) for r in range(opt.dp_size)]
+    ranks = getattr(opt.grid, "dp_ranks", None) or list(range(opt.dp_size))
+    if opt.dp_rank != owner:
+        a, b = spans[opt.dp_rank]
+        if b > a:
+            dist.send(flat[a - opt.lo:b - opt.lo].contiguous(), dst=ranks[owner], group=opt.dp_group)
+        return None
+    full = torch.empty(e.numel, dtype=flat.dtype, device=flat.device)
+    for r, (a, b) in enumerate(spans):
+        if b <= a:
+            continue
+        if r == opt.dp_rank:
+            full[a - e.start:b - e.start].copy_(flat[a - opt.lo:b - opt.lo])
+        else:
+            dist.recv(full[a - e.start:b - e.start], src=ranks[r], group=opt.dp_group)
+    return full
+
+
+def _scatter_into(opt: "MixedPrecisionAdamW", shard: torch.Tensor, tensors: dict[str, torch.Tensor], kind: str) -> None:
+    for e in opt.entries:
+        a, b = max(e.start, opt.lo), min(e.start + e.numel, opt.hi)
+        if a >= b:
+            continue
+        if e.name not in tensors:
+            raise KeyError(f"optimizer state {kind} of {e.name} missing from the checkpoint "
+                           f"(use --no-load-optim to start the optimizer fresh)")
+        flat = tensors[e.name].reshape(-1)
+        shard[a - opt.lo:b - opt.lo].copy_(flat[a - e.start:b - e.start].to(shard.device, shard.dtype))
 
 
 def param_shard_dim(p: torch.Tensor) -> Optional[int]:

@@ -16,6 +16,7 @@ BASE = ["--train-iters", "10", "--mock-data"]
 
 # flag argv -> {section.field: resolved value}
 TABLE = [
+    (["--fused-adam"], {"optimizer.fused_adam": True}), (["--no-fused-adam"], {"optimizer.fused_adam": False}),
     (["--save-retain-interval", "5"], {"checkpoint.save_retain_interval": 5}),
     (["--no-save-rng"], {"checkpoint.no_save_rng": True}),
     (["--tensor-model-parallel-size", "2"], {"parallel.tensor_model_parallel_size": 2}),
