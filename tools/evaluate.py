@@ -7,6 +7,12 @@ with `passed` and `result` (plus `status`, `duration_s`) per sample and prints p
 
     python tools/evaluate.py --samples samples.jsonl [--problems other_bench.jsonl] [--k 1,10,100]
 
+Other benchmarks, from the files their authors publish (`megatron_diffu.eval.benchmarks`):
+
+    python tools/evaluate.py --benchmark humaneval_plus --problems HumanEvalPlus.jsonl.gz --samples s.jsonl
+    python tools/evaluate.py --benchmark mbpp_plus --problems MbppPlus.jsonl.gz --load CKPT --out r.jsonl
+    python tools/evaluate.py --benchmark mbpp --problems mbpp.jsonl (or sanitized-mbpp.json) ...
+
 Generate from a checkpoint, execute, and report (resumable: rerun the same command after an
 interruption and only the missing samples are generated):
 
@@ -29,8 +35,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_diffu.common.atomic import atomic_write_jsonl  # noqa: E402
+from megatron_diffu.eval.benchmarks import BENCHMARKS, load_benchmark, qwencoder_messages  # noqa: E402
 from megatron_diffu.eval.humaneval import (DEFAULT_TIMEOUT_S, ProblemFormatError, evaluate_samples,  # noqa: E402
-                                           load_problems, passed_by_task, read_jsonl, run_evaluation)
+                                           passed_by_task, read_jsonl, run_evaluation)
 from megatron_diffu.eval.passk import aggregate_pass_at_k  # noqa: E402
 from megatron_diffu.execution.protocol import extract_code, instruct_messages  # noqa: E402
 
@@ -65,7 +72,12 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", help="score this samples JSONL (task_id, completion) instead of generating")
-    p.add_argument("--problems", help="problem JSONL(.gz) (default: the 164 HumanEval problems)")
+    p.add_argument("--benchmark", choices=BENCHMARKS, default="humaneval",
+                   help="format of --problems: humaneval (default; the bundled 164 problems, or a file in the "
+                        "project's problem format), humaneval_plus / mbpp_plus (EvalPlus's HumanEvalPlus.jsonl(.gz) "
+                        "/ MbppPlus.jsonl(.gz)), mbpp (the MBPP release's mbpp.jsonl or sanitized-mbpp.json)")
+    p.add_argument("--problems", help="problem file (default for --benchmark humaneval: the 164 HumanEval problems; "
+                                      "the other benchmarks need the published file, nothing is downloaded)")
     p.add_argument("--k", default="1,10,100", help="comma-separated k values for pass@k")
     p.add_argument("--n-workers", type=int, default=2, help="programs executed in parallel")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per program")
@@ -87,6 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generation call")
     p.add_argument("--chat", action="store_true",
                    help="instruct model: wrap the prompt in the chat template, take the ```python block")
+    p.add_argument("--chat-style", choices=("project", "qwencoder"), default="project",
+                   help="--chat wording: the project's instruct protocol (default) or Qwen2.5-Coder's "
+                        "qwencoder-eval (system prompt + 'Can you complete the following Python function?')")
     p.add_argument("--heldout", action="store_true",
                    help="only HumanEval/40..163: leave out HumanEval/0..39, the coupled-GRPO training set "
                         "(tools/preprocess_rl.py --humaneval-subset)")
@@ -147,7 +162,8 @@ def build_generate_fn(args: argparse.Namespace):
 
     def encode(prompt: str) -> list:
         if args.chat:
-            return tok.apply_chat_template(instruct_messages(prompt), add_generation_prompt=True)
+            messages = qwencoder_messages(prompt) if args.chat_style == "qwencoder" else instruct_messages(prompt)
+            return tok.apply_chat_template(messages, add_generation_prompt=True)
         return tok.encode(prompt)
 
     def generate_fn(prompts: list, sample_ids: list) -> list:
@@ -169,9 +185,11 @@ def main(argv=None) -> int:
         from megatron_diffu.execution.sandbox import set_allow_basic
         set_allow_basic(True)
     try:
-        problems = load_problems(args.problems)
-    except (ProblemFormatError, FileNotFoundError) as exc:
+        problems = load_benchmark(args.benchmark, args.problems)
+    except (ProblemFormatError, FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: {exc}")
+    if args.heldout and args.benchmark not in ("humaneval", "humaneval_plus"):
+        raise SystemExit("error: --heldout selects HumanEval/40..163: only for --benchmark humaneval(_plus)")
     if args.heldout:
         from megatron_diffu.data.rl import heldout_eval_task_ids
         keep = set(heldout_eval_task_ids())
