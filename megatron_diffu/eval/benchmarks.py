@@ -177,17 +177,7 @@ def _need(rec: dict, names: tuple, where: str) -> None:
 
 
 def _collect(path: str, convert) -> dict[str, Problem]:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"benchmark file {path} does not exist")
-    problems: dict[str, Problem] = {}
-    for lineno, rec in read_jsonl(path):
-        p = convert(rec, f"{path}:{lineno}")
-        if p.task_id in problems:
-            raise ProblemFormatError(f"{path}:{lineno}: duplicate task_id {p.task_id!r}")
-        problems[p.task_id] = p
-    if not problems:
-        raise ProblemFormatError(f"{path}: no problems in the file")
-    return problems
+    return load_problems(path, convert)
 
 
 def load_humaneval_plus(path: str) -> dict[str, Problem]:

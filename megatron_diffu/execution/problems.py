@@ -115,14 +115,16 @@ def as_problem(p: Union[Problem, dict], where: str) -> Problem:
     return p if isinstance(p, Problem) else problem_from_record(p, where)
 
 
-def load_problems(path: Optional[str] = None) -> dict[str, Problem]:
-    """Problems by task_id from a JSONL(.gz) file; default: the 164 HumanEval problems."""
+def load_problems(path: Optional[str] = None, convert=None) -> dict[str, Problem]:
+    """Problems by task_id from a JSONL(.gz) file; default: the 164 HumanEval problems.
+    `convert(record, where) -> Problem` reads another published format (default: ours)."""
     path = path or humaneval_path()
+    convert = convert or problem_from_record
     if not os.path.exists(path):
         raise FileNotFoundError(f"problem file {path} does not exist")
     problems: dict[str, Problem] = {}
     for lineno, rec in read_jsonl(path):
-        p = problem_from_record(rec, f"{path}:{lineno}")
+        p = convert(rec, f"{path}:{lineno}")
         if p.task_id in problems:
             raise ProblemFormatError(f"{path}:{lineno}: duplicate task_id {p.task_id!r}")
         problems[p.task_id] = p
