@@ -49,13 +49,17 @@ def test_fused_adamw_equals_the_plain_formula_with_clipping(bf16):
         grads = {n: p.main_grad.clone() for n, p in model.named_parameters()}
         norm = opt.grad_norm()
         want_norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
-        assert norm == pytest.approx(want_norm, rel=1e-6)
+        # a sum of squares in fp32 over k terms is within k * u of the exact one (all terms >= 0)
+        assert norm == pytest.approx(want_norm, rel=opt.numel * 2.0 ** -24)
         opt.step(1e-2, norm)
         coef = min(1.0, cfg.clip_grad / (norm + 1e-6))
         _plain_adamw(ref, grads, state, step, 1e-2, cfg, coef)
         master = {e.name: opt.master[e.start:e.start + e.numel].view_as(e.param) for e in opt.entries}
         for n, p in model.named_parameters():
             got = master[n] if bf16 else p.detach()
+            # elementwise fp32 updates (the clip coefficient is the same number on both sides): the fused
+            # kernel and the formula differ by a few ulp per step; 1e-5 relative (+1e-6 for values near 0,
+            # parameters are O(0.02-1)) bounds 3 steps of that with margin and is far below one update
             assert torch.allclose(got, ref[n], rtol=1e-5, atol=1e-6), (step, n)
             if bf16:
                 assert torch.equal(p.detach(), got.to(torch.bfloat16)), n

@@ -42,6 +42,7 @@ def test_sync_mixes_each_parameter():
     ref.sync_from(policy, 0.6)
     for n, p in ref_model.named_parameters():
         want = 0.6 * dict(policy.named_parameters())[n].detach().double() + 0.4 * before[n]
+        # elementwise fp32 (no reduction: identical on any x86): a few ulp of operands <= ~1 in size
         torch.testing.assert_close(p.double(), want, rtol=0, atol=1e-6)
     ref.sync_from(policy, 1.0)
     for n, p in ref_model.named_parameters():
@@ -58,7 +59,7 @@ def test_stage_sync_at_step_n_is_the_mixup_of_policy_and_initial_reference(probl
     moved = 0.0
     for n, p in trainer.stage.ref_model.named_parameters():
         want = alpha * policy[n].detach().double() + (1 - alpha) * initial[n]
-        torch.testing.assert_close(p.double(), want, rtol=0, atol=1e-6, msg=n)
+        torch.testing.assert_close(p.double(), want, rtol=0, atol=1e-6, msg=n)  # elementwise: as above
         moved = max(moved, float((policy[n].double() - initial[n]).abs().max()))
     assert moved > 1e-4  # the policy did move, so the two alphas are told apart
     # only a hard copy makes the reference equal to the policy (its pass may then reuse the old pass)
