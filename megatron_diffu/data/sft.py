@@ -336,11 +336,15 @@ def split_indices(n: int, valid_fraction: float, seed: int) -> tuple[np.ndarray,
 class SFTCollator:
     """Rows -> one micro-batch dict (see the module docstring for every option)."""
 
-    def __init__(self, seq_length: int, pad_id: int, cfg: Optional[SFTDataConfig] = None, seed: int = 0) -> None:
+    def __init__(self, seq_length: int, pad_id: int, cfg: Optional[SFTDataConfig] = None, seed: int = 0,
+                 length_multiple: int = 1) -> None:
         self.seq_length = int(seq_length)
         self.pad_id = int(pad_id)
         self.cfg = cfg or SFTDataConfig()
         self.seed = int(seed)
+        # bucketed micro-batches cut to `cut` positions keep ceil(cut / m) * m of them (the extra
+        # ones unattended, not maskable): FP8 GEMM shapes (model/fp8_shapes.py length_multiple)
+        self.length_multiple = max(1, int(length_multiple))
 
     def _length(self, longest: int) -> int:
         """Padded length of a micro-batch whose longest row has `longest` tokens."""
@@ -369,8 +373,8 @@ class SFTCollator:
         longest = max(lens)
         length = self._length(longest)
         cut = self._cut(longest, length, int(sample_index[0]))
-        if self.cfg.sft_length_buckets:
-            length = cut  # bucketed: the cut tail is simply not materialised
+        if self.cfg.sft_length_buckets:  # bucketed: the cut tail is not materialised (up to the multiple)
+            length = min(length, -(-cut // self.length_multiple) * self.length_multiple)
         bsz = len(rows)
         tokens = torch.full((bsz, length), self.pad_id, dtype=torch.long)
         response = torch.zeros((bsz, length), dtype=torch.bool)

@@ -2,9 +2,10 @@
 
 docs/ALGORITHMS.md sec. 4. One call decodes a batch of prompts:
 
-* ``x = left-padded prompt + N mask tokens``; with padding the attention is pairwise
-  ``a_i AND a_j`` ([B, 1, L, L] bool) and ``position_ids = cumsum(a) - 1`` (clamped at 0 on the
-  padding, whose positions never matter); without padding the mask is None (all attend to all).
+* ``x = left-padded prompt + N mask tokens``; with padding the model gets the [B, L] padding
+  mask a (real queries see the real keys: ``a_i AND a_j`` on real rows; the model keeps it as a
+  [B, 1, 1, L] key-padding mask) and ``position_ids = cumsum(a) - 1`` (clamped at 0 on the
+  padding, whose positions and outputs never matter); without padding the mask is None.
 * timesteps ``tau = linspace(1, eps, S + 1)``; at step i (t = tau_i, s = tau_{i+1}) the model's
   (already shifted) logits of the masked positions are filtered (temperature, then top-p, then
   top-k), a token is sampled (T > 0) or taken by argmax (T = 0) together with a confidence
@@ -335,12 +336,12 @@ class _Forward:
         self.model, self.grid = model, grid
         self.padded = not bool(real.all())
         B, L = real.shape
-        if self.padded:
+        if self.padded:  # the [B, L] padding mask: the model keeps it as key padding (model/attention.py)
             self.pos = (real.long().cumsum(-1) - 1).clamp_min(0)
-            self.pair = real[:, None, :, None] & real[:, None, None, :]
+            self.real = real
         else:
             self.pos = torch.arange(L, device=real.device).expand(B, L)
-            self.pair = None
+            self.real = None
         self.tp_group = getattr(grid, "tp_group", None) if grid is not None else None
         self.tp = _group_size(self.tp_group)
         self.pp = getattr(grid, "pp_size", 1) if grid is not None else 1
@@ -359,8 +360,8 @@ class _Forward:
         kwargs: dict[str, Any] = {}
         if logit_positions is not None:
             kwargs["logit_positions"] = logit_positions
-        if self.pair is not None:  # without padding None = every query sees every key (prefix too)
-            kwargs["attention_mask"] = self.pair[:, :, start:, :]
+        if self.real is not None:  # without padding None = every query sees every key (prefix too)
+            kwargs["attention_mask"] = self.real  # keys: the prefix [0, start) and the queries [start, L)
         if self.padded or start > 0:
             kwargs["position_ids"] = self.pos[:, start:]
         if prefix_kv is not None:

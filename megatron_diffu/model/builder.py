@@ -25,7 +25,10 @@ def build_model_shard(cfg: TransformerConfig, grid: Optional[ProcessGrid] = None
                                  layer_ids=pipeline_layer_split(cfg, grid.pp_size, grid.pp_rank, split),
                                  sequence_parallel=sequence_parallel, device=device, init_weights=init_weights)
     if cfg.fp8_format is not None and cfg.transformer_impl == "local":
-        # torch-native FP8 linears; the amax of a TP-sharded tensor is shared over the TP group
+        # torch-native FP8 linears. Training passes reduce the amax over TP x DP of this stage (every
+        # rank holding a shard or replica of the weight: one scale, as Megatron/TE's fp8_group);
+        # no-grad FP8 passes over TP only (DP ranks may run different numbers of them)
         enable_fp8(model, Fp8Recipe(cfg.fp8_format, cfg.fp8_margin, min(cfg.fp8_amax_history_len, 16),
-                                    amax_group=grid.tp_group))
+                                    amax_group=grid.amax_group, no_grad_fp8=cfg.fp8_no_grad,
+                                    no_grad_amax_group=grid.tp_group))
     return model

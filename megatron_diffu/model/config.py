@@ -53,6 +53,9 @@ class TransformerConfig(SectionConfig):
     fp8_format: Optional[str] = None
     fp8_margin: int = 0
     fp8_amax_history_len: int = 1024
+    # no-grad passes (evaluation, GRPO old/reference log-probs) in FP8 too; default bf16, as they
+    # update no weight and the scales they would record are not the training passes' (sampler: bf16 always)
+    fp8_no_grad: bool = False
     seed: int = 1234
 
     # ------------------------------------------------------------------ derived values
@@ -144,6 +147,9 @@ class TransformerConfig(SectionConfig):
                          "make_vocab_size_divisible_by)" if name == "vocab_size" else ""))
         if pp > self.num_layers:
             e.append(f"pipeline_model_parallel_size={pp} exceeds num_layers={self.num_layers}")
+        if not e:  # FP8 GEMM dims per TP rank (the lengths are the stages' to check: fp8_shapes.py)
+            from megatron_diffu.model.fp8_shapes import feature_problems
+            e.extend(feature_problems(self, tp))
         return e
 
     # ------------------------------------------------------------------ counting

@@ -2,7 +2,8 @@
 
 One decoder layer built from TE's TP-aware modules: `LayerNormLinear` (RMSNorm fused into the
 QKV and fc1 projections), `Linear` (row-parallel proj / fc2) and `DotProductAttention` (fused /
-flash attention, bidirectional or with our 4-D mask as TE's "arbitrary" mask). FP8 runs inside
+flash attention: bidirectional, key padding as TE's "padding" mask, other masks as "arbitrary";
+`attention.te_attention`). FP8 runs inside
 `fp8_autocast` with a `DelayedScaling` recipe (`fp8_format` hybrid|e4m3, `fp8_margin`,
 `fp8_amax_history_len`); see `fp8_context`.
 
@@ -15,7 +16,12 @@ RoPE is applied by us (HF convention) before TE's attention, like the local path
 layer TE runs in [S, B, H] (its sequence-parallel collectives use dim 0); the layer takes and
 returns our [B, S, H].
 
-Amax reduction group for FP8: the TP group (tensors sharded over TP must share scales).
+Amax reduction group for FP8 (`fp8_context`): training passes reduce over the TP x DP ranks of
+the pipeline stage (`ProcessGrid.amax_group`, Megatron's amax reduction group: every rank holding
+a shard or a replica of the weights shares one scale); no-grad passes run outside fp8_autocast
+(bf16) unless `cfg.fp8_no_grad` (then reduced over TP only: DP ranks may run different numbers of
+them), and never inside `fp8.fp8_suspended()` (the sampler). The scaling state lives in each TE
+module's `_extra_state`; checkpoints carry it (model/fp8.py `fp8_state_entries`).
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from torch import nn
 
 from ..parallel.state import group_size
 from .config import TransformerConfig
+from .fp8 import fp8_runs_now
 
 _FIX = ("install NVIDIA Transformer Engine on a CUDA machine (pip install --no-build-isolation "
         "transformer_engine[pytorch]) or use --transformer-impl local")
@@ -44,20 +51,40 @@ def import_te():
     return te
 
 
-def fp8_recipe(cfg: TransformerConfig):
+def import_te_recipe():
+    """transformer_engine.common.recipe (a function, so that CPU tests can put a stand-in here)."""
+    import_te()
     from transformer_engine.common import recipe
+    return recipe
+
+
+def fp8_recipe(cfg: TransformerConfig):
+    recipe = import_te_recipe()
     fmt = {"hybrid": recipe.Format.HYBRID, "e4m3": recipe.Format.E4M3}[cfg.fp8_format]
     return recipe.DelayedScaling(fp8_format=fmt, margin=cfg.fp8_margin,
                                  amax_history_len=cfg.fp8_amax_history_len, amax_compute_algo="max")
 
 
-def fp8_context(cfg: TransformerConfig, amax_group=None):
-    """`fp8_autocast` for the decoder layers when `cfg.fp8_format` is set, else a no-op."""
-    if cfg.fp8_format is None:
+def amax_reduction_group(grid_or_group, training: bool):
+    """The fp8_group of a pass: a ProcessGrid gives its TP x DP `amax_group` for training passes and
+    its TP group for no-grad ones; a process group (or None) is used as given."""
+    if hasattr(grid_or_group, "amax_group"):
+        return grid_or_group.amax_group if training else grid_or_group.tp_group
+    return grid_or_group
+
+
+def fp8_context(cfg: TransformerConfig, grid_or_group=None):
+    """`fp8_autocast` around the decoder layers when `cfg.fp8_format` is set and this pass runs FP8
+    (training passes; no-grad ones only with `cfg.fp8_no_grad`; none inside `fp8_suspended()`),
+    else a no-op: the layers then run in the compute dtype. `grid_or_group`: the model's
+    ProcessGrid (amax over TP x DP for training passes, see `amax_reduction_group`) or a group.
+    The local implementation's FP8 (model/fp8.py) needs no context: a no-op for it too."""
+    if cfg.fp8_format is None or cfg.transformer_impl != "transformer_engine" or not fp8_runs_now(cfg.fp8_no_grad):
         return contextlib.nullcontext()
     te = import_te()
     autocast = getattr(te, "fp8_autocast")
-    return autocast(enabled=True, fp8_recipe=fp8_recipe(cfg), fp8_group=amax_group)
+    group = amax_reduction_group(grid_or_group, training=torch.is_grad_enabled())
+    return autocast(enabled=True, fp8_recipe=fp8_recipe(cfg), fp8_group=group)
 
 
 def te_checkpoint(layer, *args):
@@ -118,6 +145,7 @@ def te_layer_class():
         def forward(self, x, mask, cos, sin, prefix_kv=None):
             """x [B, S(/tp), H] -> same; runs TE in [S, B, H] because TE's sequence-parallel
             collectives act on dim 0 (our sequence shards become contiguous dim-0 shards)."""
+            from .attention import te_attention
             from .transformer import apply_rotary
             sa = self.self_attention
             xs = x.transpose(0, 1).contiguous()
@@ -133,12 +161,10 @@ def te_layer_class():
             if prefix_kv is not None:
                 k = torch.cat([prefix_kv[0].permute(2, 0, 1, 3).to(k.dtype), k], dim=0)
                 v = torch.cat([prefix_kv[1].permute(2, 0, 1, 3).to(v.dtype), v], dim=0)
-            kwargs = {"attn_mask_type": "no_mask"}
-            if mask is not None:  # TE's convention is the opposite of ours: True = masked out
-                kwargs = {"attn_mask_type": "arbitrary", "attention_mask": ~mask}
             selective = self.cfg.recompute_granularity == "selective" and self.training
-            out = sa.core_attention(q.contiguous(), k.contiguous(), v.contiguous(),
-                                    checkpoint_core_attention=selective, **kwargs)
+            # mask -> TE's "no_mask" / "padding" (fused, flash) / "arbitrary" (unfused): attention.py
+            out = te_attention(sa.core_attention, q.contiguous(), k.contiguous(), v.contiguous(), mask,
+                               checkpoint_core_attention=selective)
             out = sa.linear_proj(out.reshape(s, b, self.local_heads * d))
             p = self.cfg.hidden_dropout if self.training else 0.0
             xs = xs + torch.nn.functional.dropout(out, p, self.training)

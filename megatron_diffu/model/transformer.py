@@ -11,8 +11,11 @@ Layout decisions (see docs/DESIGN.md for the interface):
   checkpoint names.
 - Weights: every parameter's global tensor is drawn from a generator seeded by
   ``(cfg.seed, name)`` and then sliced, so every TP/PP layout holds the same global model.
-- Masks: padded queries attend to themselves (a fully masked row would give NaN in SDPA); their
-  outputs are meaningless but finite.
+- Masks (model/attention.py): a [B, S] padding mask stays a [B, 1, 1, S] key-padding mask (real
+  rows see exactly the real keys; padded query rows see them too, their outputs are meaningless
+  but finite and nothing reads them); 4-D masks are used as given, a row with no key gets its own
+  key (a fully masked row would give NaN in SDPA). The SDPA call is arranged to stay on a fused
+  kernel when masked (`attention`, `attention_plan`).
 - Dropout uses the global torch RNG; a trainer that uses dropout with TP > 1 must seed the TP
   ranks' RNG identically (hidden dropout acts on TP-replicated activations).
 - Tied embeddings with PP > 1: the last stage holds its own copy of
@@ -35,6 +38,7 @@ from ..common.seeding import parameter_seed
 from ..parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                copy_to_tensor_parallel_region, gather_from_sequence_parallel_region)
 from ..parallel.state import ProcessGrid, group_rank, group_size
+from .attention import AttentionMask, attention, build_attention_mask  # noqa: F401 (re-exported)
 from .config import TransformerConfig
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -75,43 +79,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, S, heads, D]."""
     return x * cos + _rotate_half(x) * sin
-
-
-def build_attention_mask(attention_mask: Optional[torch.Tensor], batch: int, q_len: int,
-                         prefix_len: int = 0) -> Optional[torch.Tensor]:
-    """Normalise the caller's mask to SDPA's bool [B, 1, Sq, Sk] (True = may attend) or None.
-
-    [B, Sk] padding masks become pairwise (a_i AND a_j); an all-ones padding mask becomes None
-    (SDPA's fastest path). Query rows with nothing to attend to get their own key (no NaN).
-    """
-    if attention_mask is None:
-        return None
-    sk = prefix_len + q_len
-    if attention_mask.dim() == 2:
-        if tuple(attention_mask.shape) != (batch, sk):
-            raise ValueError(f"attention_mask [B, S] has shape {tuple(attention_mask.shape)}, expected "
-                             f"({batch}, {sk}) (= prefix {prefix_len} + {q_len} tokens)")
-        a = attention_mask.bool()
-        if bool(a.all()):
-            return None
-        mask = a[:, None, -q_len:, None] & a[:, None, None, :]
-    elif attention_mask.dim() == 4:
-        if attention_mask.shape[1] != 1 or tuple(attention_mask.shape[2:]) != (q_len, sk) \
-                or attention_mask.shape[0] not in (1, batch):
-            raise ValueError(f"4-D attention_mask has shape {tuple(attention_mask.shape)}, expected "
-                             f"[{batch} or 1, 1, {q_len}, {sk}] (bool, True = may attend)")
-        if attention_mask.dtype != torch.bool:
-            raise ValueError(f"4-D attention_mask must be bool (True = may attend), got {attention_mask.dtype}")
-        mask = attention_mask.expand(batch, 1, q_len, sk)
-    else:
-        raise ValueError(f"attention_mask must be [B, S] (padding) or [B, 1, Sq, Sk] (bool), "
-                         f"got {attention_mask.dim()}-D")
-    empty = ~mask.any(-1, keepdim=True)
-    if bool(empty.any()):
-        eye = torch.zeros(q_len, sk, dtype=torch.bool, device=mask.device)
-        eye[torch.arange(q_len), prefix_len + torch.arange(q_len)] = True
-        mask = mask | (empty & eye)
-    return mask
 
 
 def default_position_ids(attention_mask: Optional[torch.Tensor], batch: int, q_len: int,
@@ -158,10 +125,8 @@ class SelfAttention(nn.Module):
         self.linear_proj = RowParallelLinear(q * d, h, tp_group=tp_group, sequence_parallel=sequence_parallel,
                                              dtype=cfg.params_dtype, device=device)
 
-    def _core(self, q, k, v, mask):
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, enable_gqa=True,
-            dropout_p=self.cfg.attention_dropout if self.training else 0.0)
+    def _core(self, q, k, v, mask: Optional[AttentionMask]):
+        return attention(q, k, v, mask, dropout_p=self.cfg.attention_dropout if self.training else 0.0)
 
     def forward(self, x, mask, cos, sin, prefix_kv: Optional[KV] = None):
         qkv = self.linear_qkv(x)
@@ -352,7 +317,7 @@ class DiffusionTransformer(nn.Module):
         if self.cfg.fp8_format is None:
             return contextlib.nullcontext()
         from .te_backend import fp8_context
-        return fp8_context(self.cfg, self.tp_group)
+        return fp8_context(self.cfg, self.grid)  # amax over TP x DP (Megatron)
 
     def _use_full_recompute(self, index: int) -> bool:
         if self.cfg.recompute_granularity != "full" or not self.training or not torch.is_grad_enabled():

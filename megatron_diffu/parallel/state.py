@@ -8,8 +8,10 @@ mean the WORLD group to torch. Only `ProcessGrid.single()` (no torch.distributed
 `None` groups; every helper in `parallel/` treats `None` or size 1 as "no communication".
 
 Extra groups beyond DESIGN.md: `embedding_group` (first + last pipeline stage of one
-(dp, tp) position: the tied-embedding gradient all-reduce when PP > 1), and the global-rank lists
-`tp_ranks`, `dp_ranks`, `pp_ranks` of this rank's groups.
+(dp, tp) position: the tied-embedding gradient all-reduce when PP > 1), `amax_group` (the TP x DP
+ranks of one pipeline stage: every rank holding a shard or a replica of a stage's weights, the FP8
+amax reduction group, Megatron's `get_amax_reduction_group`; no context parallelism here), and the
+global-rank lists `tp_ranks`, `dp_ranks`, `pp_ranks`, `amax_ranks` of this rank's groups.
 """
 from __future__ import annotations
 
@@ -37,9 +39,11 @@ class ProcessGrid:
     mp_group: Group = None  # tp x pp: model-parallel group (grad norm, loss broadcast)
     embedding_group: Group = None
     world_group: Group = None
+    amax_group: Group = None  # tp x dp of this pipeline stage: FP8 amax reduction
     tp_ranks: list[int] = field(default_factory=lambda: [0])
     dp_ranks: list[int] = field(default_factory=lambda: [0])
     pp_ranks: list[int] = field(default_factory=lambda: [0])
+    amax_ranks: list[int] = field(default_factory=lambda: [0])
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -79,11 +83,12 @@ class ProcessGrid:
         make("pp", [[ro(p, d, t) for p in range(pp)] for d in range(dp) for t in range(tp)])
         make("mp", [[ro(p, d, t) for p in range(pp) for t in range(tp)] for d in range(dp)])
         make("emb", [sorted({ro(0, d, t), ro(pp - 1, d, t)}) for d in range(dp) for t in range(tp)])
+        make("amax", [[ro(p, d, t) for d in range(dp) for t in range(tp)] for p in range(pp)])
         return cls(tp_size=tp, pp_size=pp, dp_size=dp, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank,
                    rank=rank, world_size=world, tp_group=mine["tp"][0], pp_group=mine["pp"][0],
                    dp_group=mine["dp"][0], mp_group=mine["mp"][0], embedding_group=mine["emb"][0],
-                   world_group=dist.group.WORLD, tp_ranks=mine["tp"][1], dp_ranks=mine["dp"][1],
-                   pp_ranks=mine["pp"][1])
+                   world_group=dist.group.WORLD, amax_group=mine["amax"][0], tp_ranks=mine["tp"][1],
+                   dp_ranks=mine["dp"][1], pp_ranks=mine["pp"][1], amax_ranks=mine["amax"][1])
 
     # ------------------------------------------------------------------ pipeline helpers
     @property

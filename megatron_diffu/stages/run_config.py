@@ -39,6 +39,8 @@ class StageRunConfig(RunConfig):
         "split": "train,valid,test split weights", "seq_length": "sequence length",
         "tokenizer_type": "HuggingFaceTokenizer (default: the Qwen2.5/Dream tokenizer) or SentencePieceTokenizer",
         "tokenizer_model": "tokenizer.json / .model path", "seed": "random seed",
+        "fp8_no_grad": "run the no-grad passes (evaluation, GRPO old/reference log-probs) in FP8 too "
+                       "(default: bf16; the sampler is never FP8)",
     }
 
     # ------------------------------------------------------------------ batch arithmetic
@@ -89,7 +91,22 @@ class StageRunConfig(RunConfig):
         if p.sequence_parallel and seq % p.tensor_model_parallel_size:
             e.append(f"--sequence-parallel needs seq_length ({seq}) divisible by tensor_model_parallel_size "
                      f"({p.tensor_model_parallel_size})")
+        e.extend(self.fp8_shape_problems())
         return e
+
+    # ------------------------------------------------------------------ FP8 shapes
+    def fp8_lengths(self) -> list[tuple[str, int]]:
+        """(config field, sequence length) of every micro-batch length the stage's FP8 passes use
+        (training, and evaluation when model.fp8_no_grad); stages with more lengths extend it."""
+        return [("data.seq_length", self.data.seq_length)]
+
+    def fp8_shape_problems(self) -> list[str]:
+        """FP8 runs: every micro-batch's rows x length tokens meet the GEMM rule (model/fp8_shapes.py);
+        the model sizes are the model section's check."""
+        from megatron_diffu.model.fp8_shapes import length_problems
+        p, mbs = self.parallel, self.training.micro_batch_size
+        return length_problems(self.model, p.tensor_model_parallel_size, p.sequence_parallel, mbs,
+                               f"training.micro_batch_size={mbs}", self.fp8_lengths())
 
     def _schedule_unit_problems(self) -> list[str]:
         """Megatron's rule: a run counted in iterations sets its LR lengths in iterations, one counted in

@@ -13,6 +13,13 @@ DCP keys:
   like the parameter (ZeRO-1 shards are gathered over DP for the save, so any layout can load).
 - `<name>.<global name>`: the stage's extra model states (`Stage.checkpoint_states`, e.g. GRPO's
   `reference.*` policy), sharded and resharded exactly like `model.*`.
+- `fp8.<module name>`: the FP8 scaling state (amax histories and scales) of each FP8 linear,
+  pickled bytes (model/fp8.py `fp8_state_entries`: native histories/scales or TE's `_extra_state`).
+  Names carry global layer ids, so any pipeline split finds its layers. The training passes reduce
+  the amax over the TP x DP ranks of a stage, so every such rank holds the same state: the entry is
+  replicated, DCP's planner keeps one copy, and any TP/DP size loads it. A checkpoint without it
+  into an FP8 run: fresh scales (a note); one with it into a run without FP8: ignored (a note);
+  `--finetune` loads weights only (fresh scales).
 - `train_state`: iteration, consumed samples (the data position), optimizer step count, LR
   schedule, world size / layout, the stage's own state (`Stage.state_dict()`).
 - `rng.<global rank>`: torch/cuda/numpy/python RNG states of each rank (restored only when the
@@ -48,11 +55,13 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megatron_diffu.common.atomic import atomic_write_text, fsync_path
+from megatron_diffu.model.fp8 import fp8_modules, fp8_state_entries, load_fp8_state_entries
 from megatron_diffu.parallel.state import ProcessGrid, group_size
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RUN_CONFIG_FILE = "run_config.yaml"
 MODEL_PREFIX = "model."
+FP8_PREFIX = "fp8."
 
 
 class CheckpointError(RuntimeError):
@@ -306,6 +315,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer, grid
     for name, (local, dim) in model.sharded_state_dict().items():
         state[MODEL_PREFIX + name] = _wrap(local, dim, grid)
     state.update(_extra_state_tensors(states, grid))
+    state.update({FP8_PREFIX + n: b for n, b in fp8_state_entries(model).items()})
     if save_optim and optimizer is not None:
         # one parameter at a time; ZeRO shards are gathered per parameter to the host of one DP
         # rank (never the whole fp32 state at once on the device); keys are canonical names
@@ -403,11 +413,13 @@ def load_checkpoint(load_dir: str | Path, model, optimizer, grid: ProcessGrid, m
                 t = torch.empty(shapes[n][0], dtype=torch.float32, device="cpu")
                 opt_targets[kind][n] = t
                 state[f"optimizer.{kind}.{n}"] = _wrap(t, shapes[n][1], grid)
-    restored = []
+    restored, fp8_keys = [], []
     if not finetune:
         for key, tensors in _extra_states_present(states, md_keys, grid).items():
             state.update(tensors)
             restored.append(key)
+        fp8_keys = _fp8_targets(model, md_keys, ckpt)
+        state.update({k: b"" for k in fp8_keys})
         state["train_state"] = b""
         if load_rng and f"rng.{_rank()}" in md_keys:
             state[f"rng.{_rank()}"] = b""
@@ -423,6 +435,10 @@ def load_checkpoint(load_dir: str | Path, model, optimizer, grid: ProcessGrid, m
         if verbose and _rank() == 0:
             print(f"[checkpoint] finetune: loaded model weights from {ckpt}", flush=True)
         return None
+    fresh = load_fp8_state_entries(model, {k[len(FP8_PREFIX):]: state[k] for k in fp8_keys})
+    if fresh and fp8_keys and _rank() == 0:  # saved by the other implementation (native vs TE)
+        print(f"[checkpoint] note: {len(fresh)} FP8 linear(s) have no matching scaling state in {ckpt}: "
+              f"fresh scales for them (e.g. {fresh[0]})", flush=True)
     train_state = dict(pickle.loads(state["train_state"]), restored_states=restored)
     rng_key = f"rng.{_rank()}"
     if load_rng and rng_key in state and train_state.get("world_size") == grid.world_size:
@@ -430,6 +446,21 @@ def load_checkpoint(load_dir: str | Path, model, optimizer, grid: ProcessGrid, m
     if _rank() == 0:
         print(f"[checkpoint] resumed from {ckpt} at iteration {train_state.get('iteration')}", flush=True)
     return train_state
+
+
+def _fp8_targets(model, md_keys: set, ckpt: Path) -> list[str]:
+    """The `fp8.*` keys to read for this model's FP8 linears; a note (rank 0) when the checkpoint
+    has none for an FP8 model (fresh scales), or has some for a model without FP8 (ignored)."""
+    names = fp8_modules(model)
+    keys = [FP8_PREFIX + n for n in names if FP8_PREFIX + n in md_keys]
+    saved = any(k.startswith(FP8_PREFIX) for k in md_keys)
+    if _rank() == 0 and names and not keys:
+        print(f"[checkpoint] note: {ckpt} holds no FP8 scaling state (saved without FP8): the FP8 "
+              f"linears start from fresh scales (1, empty amax history)", flush=True)
+    elif _rank() == 0 and saved and not names:
+        print(f"[checkpoint] note: {ckpt} holds FP8 scaling state (fp8.*) but this run does not use "
+              f"FP8: ignored", flush=True)
+    return keys
 
 
 def _extra_states_present(states: Optional[dict[str, Any]], md_keys: set, grid: ProcessGrid) -> dict[str, dict]:

@@ -6,10 +6,18 @@ parameter NAMES, SHAPES and ATTRIBUTES (transformer_engine/pytorch/module/{linea
 (sequence parallel on dim 0). The math is plain torch (RMSNorm as ours, SDPA), so a model built
 with it equals the local model; what it tests is how the rest of the code treats TE's parameters.
 
+FP8: `fp8_autocast` records each entry (`AUTOCAST_CALLS`: recipe and fp8_group) and sets the state
+the linears read; every Linear records whether it ran under it (`fp8_calls`) and, under it, keeps
+a TE-like delayed-scaling state (amax history of its input, scale = 448 / max) that it serialises
+as TE does, a uint8 tensor from `get_extra_state` (empty before any FP8 pass), so nn.Module's
+`state_dict` holds an `_extra_state` entry. `recipe` stands in for transformer_engine.common.recipe.
+
 Use: `monkeypatch.setattr(te_backend, "import_te", lambda: fake_te)` (see `install`).
 """
 from __future__ import annotations
 
+import contextlib
+import pickle
 import types
 
 import torch
@@ -37,6 +45,8 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_local, in_local, dtype=params_dtype))
         nn.init.normal_(self.weight, std=0.02)
         _tp_attrs(self.weight, 1 if parallel_mode == "row" else 0)
+        self.fp8_calls: list[bool] = []  # per forward: ran under fp8_autocast
+        self.fp8_meta = None
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_local, dtype=params_dtype))
@@ -44,6 +54,24 @@ class Linear(nn.Module):
                 _tp_attrs(self.bias, 0)
             else:
                 self.bias.sequence_parallel = sequence_parallel
+
+    def get_extra_state(self):  # TE: a pickled dict in a uint8 tensor, empty without FP8 metadata
+        if self.fp8_meta is None:
+            return torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(bytearray(pickle.dumps(self.fp8_meta)), dtype=torch.uint8)
+
+    def set_extra_state(self, state):
+        if state is not None and state.numel():
+            self.fp8_meta = pickle.loads(state.numpy().tobytes())
+
+    def _record_fp8(self, x):
+        enabled = FP8_STATE["enabled"]
+        self.fp8_calls.append(enabled)
+        if not enabled:
+            return
+        meta = self.fp8_meta or {"amax_history": torch.zeros(4), "scale": torch.ones(())}
+        hist = torch.cat([x.detach().abs().amax().float().reshape(1), meta["amax_history"][:-1]])
+        self.fp8_meta = {"amax_history": hist, "scale": 448.0 / hist.max()}
 
     def _input(self, x):
         if self.parallel_mode == "column":
@@ -53,6 +81,7 @@ class Linear(nn.Module):
         return x
 
     def forward(self, x):
+        self._record_fp8(x)
         x = self._input(x)
         if self.parallel_mode == "row":
             y = F.linear(x, self.weight)
@@ -96,10 +125,18 @@ class DotProductAttention(nn.Module):
         if attn_mask_type == "arbitrary":
             mask = ~attention_mask  # TE: True = masked out
         elif attn_mask_type == "padding":
-            q_pad, k_pad = attention_mask  # [B, 1, 1, S] True = padding (TE's convention)
-            mask = ~(q_pad.reshape(b, 1, -1, 1) | k_pad.reshape(b, 1, 1, -1))
-            mask = mask | torch.eye(s, kb.shape[2], dtype=torch.bool)  # padded rows attend to themselves
+            # self-attention "padding" in sbhd as TE's fused (cuDNN) backend reads it: ONE [B, 1, 1, S]
+            # mask (True = padding) whose counts become the sequence lengths (get_cu_seqlens), i.e.
+            # each row's first n tokens are the real ones whatever the mask's positions; output rows
+            # past n are not written (NaN here, so a caller that reads them fails)
+            assert torch.is_tensor(attention_mask) and tuple(attention_mask.shape) == (b, 1, 1, s) \
+                and kb.shape[2] == s, "TE self-attention padding takes one [B, 1, 1, S] mask, Sq = Sk"
+            n = (~attention_mask).reshape(b, s).sum(-1, keepdim=True)
+            real = torch.arange(s) < n  # [B, S]
+            mask = real[:, None, None, :] | ~real.any(-1)[:, None, None, None]
         out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=True)
+        if attn_mask_type == "padding":
+            out = out.masked_fill(~real[:, None, :, None], float("nan"))
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
 
 
@@ -109,9 +146,27 @@ def checkpoint(fn, *args, **kwargs):  # te.distributed.checkpoint stand-in (reco
     return torch.utils.checkpoint.checkpoint(fn, *args, **kwargs)
 
 
+FP8_STATE = {"enabled": False}
+AUTOCAST_CALLS: list = []
+
+
+@contextlib.contextmanager
+def fp8_autocast(enabled=True, fp8_recipe=None, fp8_group=None, **_):  # records, sets what Linear reads
+    AUTOCAST_CALLS.append(dict(enabled=enabled, recipe=fp8_recipe, group=fp8_group))
+    before = FP8_STATE["enabled"]
+    FP8_STATE["enabled"] = bool(enabled)
+    try:
+        yield
+    finally:
+        FP8_STATE["enabled"] = before
+
+
+recipe = types.SimpleNamespace(Format=types.SimpleNamespace(HYBRID="HYBRID", E4M3="E4M3"),
+                               DelayedScaling=lambda **kw: types.SimpleNamespace(**kw))
 CHECKPOINT_CALLS: list = []
 module = types.SimpleNamespace(Linear=Linear, LayerNormLinear=LayerNormLinear,
-                               DotProductAttention=DotProductAttention, checkpoint=checkpoint)
+                               DotProductAttention=DotProductAttention, checkpoint=checkpoint,
+                               fp8_autocast=fp8_autocast)
 
 
 def install(monkeypatch=None):
@@ -119,6 +174,8 @@ def install(monkeypatch=None):
     from megatron_diffu.model import te_backend
     if monkeypatch is not None:
         monkeypatch.setattr(te_backend, "import_te", lambda: module)
+        monkeypatch.setattr(te_backend, "import_te_recipe", lambda: recipe)
     else:
         te_backend.import_te = lambda: module
+        te_backend.import_te_recipe = lambda: recipe
     return module

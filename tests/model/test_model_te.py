@@ -47,6 +47,8 @@ def test_te_matches_local_bf16_with_padding():
         a, b = local(ids, attention_mask=pad).float(), te_model(ids, attention_mask=pad).float()
         c, d = local(ids).float(), te_model(ids).float()
     real = pad.bool()
+    real = torch.cat([real[:, :1], real[:, :-1]], 1)  # logits whose (shifted) source is a real token:
+    # a padded row's output is meaningless (local: it sees the real keys; TE "padding": zero)
     assert (a[real] - b[real]).abs().max() < 0.05 * a.abs().max()
     assert (c - d).abs().max() < 0.05 * c.abs().max()
 

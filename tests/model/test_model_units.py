@@ -95,10 +95,16 @@ def test_mask_forms_agree_and_padding_rows_are_finite():
         none = model(ids)
         ones = model(ids, attention_mask=torch.ones_like(pad))
     assert torch.isfinite(out2).all() and torch.isfinite(out4).all()
-    torch.testing.assert_close(out2, out4)
     torch.testing.assert_close(none, ones)
     m = build_attention_mask(pad, 2, 9)
-    assert m[0, 0, 0].tolist() == [True] + [False] * 8  # a padded query sees only itself
+    assert m.key_padding and tuple(m.allowed.shape) == (2, 1, 1, 9)  # compact: no [B, 1, S, S] mask
+    assert m.allowed[0, 0, 0].tolist() == [False] * 4 + [True] * 5
+    # logits whose (shifted) source hidden state is a real token: the pairwise rule exactly (the
+    # same kernel adds the same 0 / -inf terms); padded rows now see the real keys, not only
+    # themselves, and nothing reads them
+    src = torch.cat([a[:, :1], a[:, :-1]], dim=1)
+    assert torch.equal(out2[src], out4[src])
+    assert not torch.equal(out2[~src], out4[~src])
 
 
 def test_causal_mask_is_respected():
@@ -172,7 +178,11 @@ def test_prefix_kv_equals_full_call():
         _, kv_full = model(ids, attention_mask=allowed, position_ids=pos, return_kv=True)
     assert len(kv) == 2 and kv[0][0].shape == (2, 2, P, 16)
     torch.testing.assert_close(suffix, full[:, P:], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(kv[1][0], kv_full[1][0][:, :, :P], atol=1e-5, rtol=1e-5)
+    # the cache of real positions (layer 1's K depends on layer 0's outputs; padded positions'
+    # cache is never read: every query's mask hides padded keys)
+    real = a[:, :P]
+    torch.testing.assert_close(kv[1][0].transpose(1, 2)[real], kv_full[1][0][:, :, :P].transpose(1, 2)[real],
+                               atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- weights

@@ -77,7 +77,7 @@ def _trainer_with_stage(args, stage):
     from megatron_diffu.training.trainer import Trainer
     cfg = PretrainRunConfig.from_args(args)
     stage.configure(cfg, 1)
-    return Trainer(cfg, stage)
+    return Trainer(cfg, stage, device=torch.device("cpu"))  # pinned: CUDA would be the default on a GPU machine
 
 
 def test_non_finite_step_is_skipped_then_training_stops(data_prefix, capsys):

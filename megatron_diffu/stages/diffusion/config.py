@@ -26,3 +26,9 @@ class SFTRunConfig(PretrainRunConfig):
             e.append("diffusion.loss_normalization applies to pretraining; SFT's normaliser is sft.sft_loss_normalization "
                      "(token | sequence | masked): leave diffusion.loss_normalization at position")
         return e
+
+    def fp8_lengths(self) -> list[tuple[str, int]]:
+        """Bucketed SFT pads a micro-batch to its bucket (at most seq_length); a bucket cut shorter by
+        sft_response_cutoff / sft_tail_cut_prob is padded up to the FP8 length multiple (collator)."""
+        seq = self.data.seq_length  # a bucket >= seq_length pads to seq_length, checked already
+        return super().fp8_lengths() + [("sft.sft_length_buckets", b) for b in self.sft.sft_length_buckets if b < seq]

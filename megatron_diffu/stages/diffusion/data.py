@@ -17,6 +17,7 @@ from megatron_diffu.data.datasets import build_pretrain_datasets
 from megatron_diffu.data.loader import make_data_loader, unmaskable_ids
 from megatron_diffu.data.sft import (ConcatConversations, SFTCollator, SFTConversations, SFTDataConfig, SFTDataset,
                                      split_indices)
+from megatron_diffu.model.fp8_shapes import length_multiple
 from megatron_diffu.training.trainer import TrainingError
 
 
@@ -98,7 +99,9 @@ class Conversations:
         seq = cfg.data.seq_length
         self.train_set = SFTDataset(convs, seq, cfg.data.seed, pack=s.sft_pack, indices=train_ids,
                                     pack_pad_tokens=s.sft_pack_pad_tokens)
-        self.collator = SFTCollator(seq, tokenizer.pad_id, s, seed=cfg.data.seed)
+        p = cfg.parallel  # FP8: a bucket cut shorter is padded to the FP8 length multiple (fp8_shapes.py)
+        multiple = length_multiple(cfg.model, p.tensor_model_parallel_size, p.sequence_parallel, trainer.micro_batch_size)
+        self.collator = SFTCollator(seq, tokenizer.pad_id, s, seed=cfg.data.seed, length_multiple=multiple)
         if len(valid_ids):
             eval_collator = SFTCollator(seq, tokenizer.pad_id, SFTDataConfig(), seed=cfg.data.seed)
             held = SFTDataset(valid, seq, cfg.data.seed, pack=False, indices=valid_ids)

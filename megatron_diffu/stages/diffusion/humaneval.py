@@ -8,6 +8,7 @@ import torch
 from megatron_diffu.diffusion.sampling import SamplingConfig, diffusion_generate
 from megatron_diffu.eval.humaneval import load_humaneval, run_evaluation
 from megatron_diffu.execution.protocol import extract_code, instruct_prompt
+from megatron_diffu.model.fp8 import fp8_suspended
 
 
 class PeriodicHumanEval:
@@ -37,7 +38,7 @@ class PeriodicHumanEval:
 
         trainer.model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), fp8_suspended():  # the sampler's shapes follow the data: bf16
                 # every rank generates (TP/PP collectives); each scores into its own file, rank 0's is kept
                 out_dir = trainer.cfg.checkpoint.save or "."
                 rank = "" if trainer.grid.rank == 0 else f".rank{trainer.grid.rank}"

@@ -131,3 +131,8 @@ class GRPORunConfig(StageRunConfig):
             e.append(f"grpo.reward_funcs: unknown {unknown}; registered: {sorted(REWARD_FUNCTIONS)} "
                      f"(register more with rl.rewards.register_reward)")
         return e
+
+    def fp8_lengths(self) -> list[tuple[str, int]]:
+        """None to check: a rollout batch's length (its longest prompt + max_new_tokens) follows the
+        data, so under FP8 the stage pads it to the FP8 length multiple (GRPOStage.padded_prompt_length)."""
+        return []

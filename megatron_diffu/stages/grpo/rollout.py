@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_diffu.diffusion.sampling import diffusion_generate
+from megatron_diffu.model.fp8 import fp8_suspended
 
 
 @dataclass
@@ -87,9 +88,12 @@ def generate_rows(trainer, prompts: list[list[int]], sample_index: list[int], pr
     trainer.model.eval()
     try:
         for lo in range(0, len(prompts), chunk):
-            res = diffusion_generate(trainer.model, prompts[lo:lo + chunk], trainer.cfg.sampling, mask_id=mask_id,
-                                     pad_id=pad_id, stop_ids=stop_ids, grid=trainer.grid,
-                                     sample_index=sample_index[lo:lo + chunk])
+            # the sampler runs in the compute dtype even with model.fp8_no_grad: its GEMM shapes
+            # (prompt lengths, blocks, cache prefixes) follow the data, so no start-up check covers them
+            with fp8_suspended():
+                res = diffusion_generate(trainer.model, prompts[lo:lo + chunk], trainer.cfg.sampling, mask_id=mask_id,
+                                         pad_id=pad_id, stop_ids=stop_ids, grid=trainer.grid,
+                                         sample_index=sample_index[lo:lo + chunk])
             seq = res.sequences.cpu()
             pad = prompt_length - res.prompt_length
             if pad:

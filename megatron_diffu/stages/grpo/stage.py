@@ -21,12 +21,14 @@ reference sync; the reference weights are saved by the trainer's checkpointer (`
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Optional
 
 import torch
 
 from megatron_diffu.data.rl import load_rl_problems
+from megatron_diffu.model.fp8_shapes import length_multiple, round_up
 from megatron_diffu.rl.rewards import configure_execution
 from megatron_diffu.stages.grpo.logprobs import LogProbPasses, coupled_micro_batch
 from megatron_diffu.stages.grpo.loss import grpo_forward_step
@@ -133,7 +135,7 @@ class GRPOStage(Stage):
         t0 = time.perf_counter()
         prompt_of = self.schedule.problem_indices(rollout_index)
         row_problem = [self.problems[prompt_of[r // G]] for r in range(gbs)]
-        P = max(len(p.prompt_ids) for p in row_problem)
+        P = self.padded_prompt_length(max(len(p.prompt_ids) for p in row_problem))
         mine = local_rows(tr)
         local = generate_rows(tr, [row_problem[r].prompt_ids for r in mine], [rollout_index * gbs + r for r in mine], P,
                               mask_id=self.mask_token_id, pad_id=self.tokenizer.pad_id, stop_ids=self.stop_ids)
@@ -155,6 +157,25 @@ class GRPOStage(Stage):
         t2 = time.perf_counter()
         self.logprobs.fill(buf, self.ref_model, reference_is_policy=self.reference_is_policy)
         return buf, {"rollout_s": t_gen, "reward_s": t_rew, "logp_passes_s": time.perf_counter() - t2}
+
+    def padded_prompt_length(self, longest: int) -> int:
+        """P: the batch's longest prompt, and under FP8 more left padding so that P + N meets the
+        FP8 length multiple of every pass that runs FP8 (model/fp8_shapes.py; ALGORITHMS.md sec. 11.3):
+        the training micro-batches (copies x micro_batch_size rows) and, with model.fp8_no_grad, the
+        old/reference chunks (copies x logp_chunk_size rows, and the remainder chunk). Padding is
+        unattended and skipped by the positions, so the outputs are those of the unpadded batch."""
+        cfg = self.trainer.cfg
+        if cfg.model.fp8_format is None:
+            return longest
+        copies = {"coupled": 3, "single": 2, "d1": 1}[cfg.grpo.estimator]
+        rows = [copies * self.trainer.micro_batch_size]
+        if cfg.model.fp8_no_grad:
+            per, chunk = len(local_rows(self.trainer)), cfg.grpo.logp_chunk_size or self.trainer.micro_batch_size
+            rows += [copies * min(chunk, per)] + ([copies * (per % chunk)] if per % chunk else [])
+        tp = cfg.parallel.tensor_model_parallel_size
+        m = math.lcm(*(length_multiple(cfg.model, tp, False, r) for r in rows))
+        n = cfg.sampling.max_new_tokens
+        return round_up(longest + n, m) - n
 
     # ------------------------------------------------------------------ one step
     def forward_step(self, model, batch: dict, input_tensor):
