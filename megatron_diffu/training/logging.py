@@ -6,8 +6,8 @@ DP and broadcast from the last pipeline stage), e.g.
      iteration       11/      20 | consumed samples:           88 | lr: 3.000000E-04 | loss: 7.123456E+00 |
      grad norm: 1.234 | tokens/s: 1.2E+04 | MFU: 31.2% | step time (ms): 85.3 | peak mem (GB): 1.23 | ETA: 0:00:01
 
-Loss, grad norm, tokens/s and step time are averages over the iterations since the last line
-(Megatron's convention); skipped (non-finite) iterations are counted, not averaged. Every
+Loss, grad norm and step time are averages over the iterations since the last line (Megatron's
+convention); tokens/s, MFU and TFLOP/s are the interval's work over its time (step-time weighted); skipped (non-finite) iterations are counted, not averaged. Every
 iteration's metrics also go to TensorBoard (`--tensorboard-dir`) and, with `--log-file`, to
 `<log_file>.jsonl` (what tests and `tools/plot_loss.py` read).
 """
@@ -101,12 +101,21 @@ class MetricsLogger:
     def _emit(self, iteration: int, last: dict) -> None:
         w = self.window or [last]
         avg = lambda k: sum(float(m.get(k, 0.0)) for m in w) / len(w)  # noqa: E731
+        time_s = sum(float(m.get("step_time", 0.0)) for m in w)
+
+        def rate(k: str) -> float:
+            # a rate over the interval is work / time (as Megatron's elapsed-time throughput), i.e. the
+            # step-time-weighted mean of the per-step rates; the plain mean of ratios overstates it
+            # whenever step times vary (one fast step among slow ones counts as much as each slow one)
+            if time_s <= 0.0:
+                return avg(k)
+            return sum(float(m.get(k, 0.0)) * float(m.get("step_time", 0.0)) for m in w) / time_s
         line = (f" iteration {iteration:>8d}/{self.train_iters:>8d} | consumed samples: {int(last['consumed_samples']):>12d} "
                 f"| lr: {last['lr']:.6E} | loss: {avg('loss'):.6E} | grad norm: {avg('grad_norm'):.3f} "
-                f"| tokens/s: {avg('tokens_per_s'):.4g} | MFU: {100 * avg('mfu'):.2f}% "
+                f"| tokens/s: {rate('tokens_per_s'):.4g} | MFU: {100 * rate('mfu'):.2f}% "
                 f"| step time (ms): {1000 * avg('step_time'):.1f} | peak mem (GB): {last.get('peak_mem_gb', 0.0):.2f}")
         if self.log_throughput:
-            line += f" | throughput per GPU (TFLOP/s/GPU): {avg('tflops_per_gpu'):.1f}"
+            line += f" | throughput per GPU (TFLOP/s/GPU): {rate('tflops_per_gpu'):.1f}"
         if self.skipped:
             line += f" | skipped iterations: {self.skipped}"
         if iteration < self.train_iters:  # training steps only: evaluation and checkpoint time come on top

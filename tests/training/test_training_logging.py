@@ -77,3 +77,18 @@ def test_timers_and_ppl_follow_megatrons_flags(tmp_path):
     tags = set(_tb_scalars(tmp_path / "tb"))
     assert {"lm loss", "learning-rate", "grad-norm", "batch-size", "lm loss validation"} <= tags
     assert not {"iteration-time", "throughput", "lm loss validation ppl"} & tags  # off by default, as in Megatron
+
+
+def test_interval_rates_are_work_over_time_not_the_mean_of_ratios(capsys):
+    """Two steps of 4096 tokens taking 0.5 s and 3.5 s: the interval ran 8192 tokens in 4 s = 2048
+    tokens/s (the mean of the per-step rates, (8192 + 1170.3) / 2 = 4681, overstates it 2.3x); MFU and
+    TFLOP/s the same way: FLOPs / time."""
+    log = MetricsLogger(train_iters=10, log_interval=2, log_throughput=True)
+    for i, dt in ((1, 0.5), (2, 3.5)):
+        flops = 4096 * 6e6
+        log.record(i, {**_metrics(i, dt, 1.0), "tokens_per_s": 4096 / dt, "mfu": flops / dt / 1e11,
+                       "tflops_per_gpu": flops / dt / 1e12})
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "tokens/s: 2048 |" in line
+    assert f"MFU: {100 * 2 * 4096 * 6e6 / 4.0 / 1e11:.2f}%" in line  # 12.29%
+    assert f"(TFLOP/s/GPU): {2 * 4096 * 6e6 / 4.0 / 1e12:.1f}" in line
