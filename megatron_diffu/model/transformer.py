@@ -383,6 +383,7 @@ class DiffusionTransformer(nn.Module):
                                  f"expected {tuple(x.shape[:2])}")
             rows, cols = logit_positions.nonzero(as_tuple=True)
             x = x[rows, (cols - 1).clamp(min=0) if shift else cols]  # [N, H]
+            return _rows_padded_linear(x, self.output_weight)
         elif shift:
             x = torch.cat([x[:, :1], x[:, :-1]], dim=1)
         return F.linear(x, self.output_weight)
@@ -393,6 +394,23 @@ class DiffusionTransformer(nn.Module):
             w = self.output_layer.weight
             return w.reshape(-1, w.shape[-1])
         return self.embedding.word_embeddings.weight
+
+
+HEAD_ROW_MULTIPLE = 64
+
+
+def _rows_padded_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear over [N, H] rows with N padded by zero rows to a multiple of HEAD_ROW_MULTIPLE, then cut
+    back to N. The number of masked positions changes every step; a GEMM of a new shape builds a new
+    kernel plan (oneDNN caches up to 1024 of them for bf16 on CPU, ~5 MB each: RSS grew ~5 MB/step;
+    cuBLAS/TE choose per shape too) and FP8 GEMMs want N % 16. At most 63 extra rows, whose logits
+    are zero, carry no gradient and are never returned (a real row's logit may be summed in another
+    order by the other GEMM shape: fp32 rounding, as any change of batch)."""
+    n = x.shape[0]
+    pad = (-n) % HEAD_ROW_MULTIPLE
+    if pad == 0:
+        return F.linear(x, weight)
+    return F.linear(torch.cat([x, x.new_zeros(pad, x.shape[1])]), weight)[:n]
 
 
 def _is_model_key(key: str, cfg: TransformerConfig) -> bool:
