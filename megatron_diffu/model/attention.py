@@ -13,7 +13,8 @@ Mask forms (`build_attention_mask` -> `AttentionMask`; True = may attend):
 
 Kernels (`attention`, `te_attention`): SDPA's flash kernel takes no mask; the memory-efficient and
 cuDNN kernels take one (a [B, 1, 1, Sk] mask is broadcast, not materialised per query), but the
-efficient kernel of torch <= 2.13 takes no GQA (unequal query / KV heads), so ``enable_gqa`` plus a
+efficient kernel of the torch versions read (sdp_utils.cpp up to 2.11; GQA support there was still
+being added upstream in 2026) takes no GQA (unequal query / KV heads), so ``enable_gqa`` plus a
 mask fell back to the math kernel (fp32 [B, h, Sq, Sk] scores). `attention` asks SDPA's dispatcher
 (`sdpa_backend`) and, when GQA would put the call on the math kernel, repeats the K/V heads first
 (the same repeat_interleave the math kernel does internally, so the result is the same

@@ -37,6 +37,13 @@ CONFIGS = os.path.join(REPO, "examples", "mini_repro")
 ARMS = ("sft", "coupled_grpo", "d1_grpo", "sft_continued")
 
 
+# The task family of both modes: 6 of the 15 contexts (35 training templates, 5 held-out compositions).
+# The whole family (111 templates) is too much for a 2.6M model in these budgets: 1200 SFT steps on it
+# gave 0/40 training problems (the model wrote its most frequent function name and wrong constants);
+# 1000 steps on 29 templates gave 3/40 with the 1/t weighting and 7/40 without (see docs/MINI_REPRO.md).
+MINI_CONTEXTS = "op_scalar,op_map,pred_scalar,pred_filter,sop_scalar,sop_map"
+
+
 @dataclass
 class Settings:
     """Sizes and budgets of one run (`SETTINGS[mode]`); seconds are planned values for the ETA."""
@@ -46,8 +53,8 @@ class Settings:
     n_heldout_templates: int = 80
     stdlib_bytes: int = 1_500_000
     vocab_size: int = 1000
-    pretrain_iters: int = 1000
-    sft_iters: int = 1600
+    pretrain_iters: int = 600
+    sft_iters: int = 3500
     rl_iters: int = 60              # GRPO steps per arm (= SFT-continued steps)
     rl_select_samples: int = 4
     rl_min_problems: int = 16
@@ -59,6 +66,8 @@ class Settings:
     batch_size: int = 64
     rl_seq_length: int = 128        # GRPO prompt + completion (prompts longer than this - max_new_tokens dropped)
     seed: int = 0
+    contexts: str = MINI_CONTEXTS   # comma-separated task contexts (tasks.CONTEXTS); "" = the whole family
+    bf16: str = "auto"              # training in bf16: on | off | auto (on where the CPU has bf16 dot products)
     train_flags: str = ""           # extra flags for every training stage (e.g. a smaller model for smoke tests)
     grpo_flags: str = ""            # extra flags for the GRPO stages
 
@@ -66,7 +75,7 @@ class Settings:
 SETTINGS = {
     "full": Settings(),
     "quick": Settings(n_train=6000, n_rl_pool=64, n_heldout_constants=30, n_heldout_templates=20,
-                      stdlib_bytes=400_000, pretrain_iters=200, sft_iters=600, rl_iters=16, n_pass10=10,
+                      stdlib_bytes=400_000, pretrain_iters=100, sft_iters=1200, rl_iters=16, n_pass10=10,
                       n_arness=16, n_samplers=30, rl_min_problems=8),
     "tiny": Settings(n_train=300, n_rl_pool=16, n_heldout_constants=6, n_heldout_templates=4, stdlib_bytes=20_000,
                      vocab_size=400, pretrain_iters=4, sft_iters=4, rl_iters=2, rl_select_samples=2,
@@ -76,9 +85,9 @@ SETTINGS = {
                      grpo_flags="--num-generations 2 --logp-chunk-size 4"),
 }
 # planned share of the wall time per stage (for the ETA before a stage has run)
-PLAN = {"data": 0.02, "pretrain": 0.2, "sft": 0.22, "select_rl": 0.03, "coupled_grpo": 0.12, "d1_grpo": 0.1,
-        "sft_continued": 0.03, "eval_sft": 0.05, "eval_coupled_grpo": 0.05, "eval_d1_grpo": 0.05,
-        "eval_sft_continued": 0.05, "arness": 0.04, "samplers": 0.04, "report": 0.0}
+PLAN = {"data": 0.02, "pretrain": 0.08, "sft": 0.4, "select_rl": 0.03, "coupled_grpo": 0.1, "d1_grpo": 0.09,
+        "sft_continued": 0.02, "eval_sft": 0.04, "eval_coupled_grpo": 0.04, "eval_d1_grpo": 0.04,
+        "eval_sft_continued": 0.04, "arness": 0.05, "samplers": 0.05, "report": 0.0}
 BUDGET_S = {"full": 2700, "quick": 720, "tiny": 60}
 
 
@@ -115,7 +124,8 @@ class Run:
 
     def sh(self, args: list[str], log_name: str) -> None:
         if "-m" in args and any(a.startswith("megatron_diffu.") for a in args):
-            args = args + self.s.train_flags.split() + (self.s.grpo_flags.split() if "megatron_diffu.grpo" in args else [])
+            args = args + (["--bf16"] if self.s.bf16 == "on" else []) + self.s.train_flags.split() \
+                + (self.s.grpo_flags.split() if "megatron_diffu.grpo" in args else [])
         logf = self.path("logs", log_name + ".log")
         os.makedirs(os.path.dirname(logf), exist_ok=True)
         log(f"$ {' '.join(args)}  (log: {logf})")
@@ -148,6 +158,10 @@ class Run:
     def heldout(self) -> list[dict]:
         return self.problems("heldout_constants") + self.problems("heldout_templates")
 
+    @property
+    def contexts(self) -> Optional[list[str]]:
+        return [c.strip() for c in self.s.contexts.split(",") if c.strip()] or None
+
     def tok_flags(self) -> list[str]:
         return ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", self.path("data", "sp.model")]
 
@@ -160,10 +174,11 @@ class Run:
         from megatron_diffu.repro import files, tasks
 
         s = self.s
-        train = tasks.generate("train", s.n_train, s.seed)
-        pool = tasks.generate("train", s.n_rl_pool, s.seed, prefix="rlpool")
-        hc = tasks.generate("heldout_constants", s.n_heldout_constants, s.seed)
-        ht = tasks.generate("heldout_templates", s.n_heldout_templates, s.seed)
+        ctx = self.contexts
+        train = tasks.generate("train", s.n_train, s.seed, contexts=ctx)
+        pool = tasks.generate("train", s.n_rl_pool, s.seed, prefix="rlpool", contexts=ctx)
+        hc = tasks.generate("heldout_constants", s.n_heldout_constants, s.seed, contexts=ctx)
+        ht = tasks.generate("heldout_templates", s.n_heldout_templates, s.seed, contexts=ctx)
         for name, ts in (("train", train), ("rlpool", pool), ("heldout_constants", hc), ("heldout_templates", ht)):
             files.write_problems(self.path("data", f"problems_{name}.jsonl"), ts)
         docs = files.pretrain_documents(train, s.stdlib_bytes, s.seed)
@@ -182,8 +197,8 @@ class Run:
         resp = [len(tok.encode(r["response"])) + 1 for r in sft[:500]]
         prompt = [len(tok.apply_chat_template([{"role": "user", "content": r["prompt"]}])) for r in sft[:500]]
         return {"n_train": len(train), "n_rl_pool": len(pool), "n_heldout_constants": len(hc),
-                "n_heldout_templates": len(ht), "templates_train": len(tasks.train_templates()),
-                "templates_heldout": len(tasks.heldout_templates()), "pretrain_docs": len(docs),
+                "n_heldout_templates": len(ht), "templates_train": len(tasks.train_templates(ctx)),
+                "templates_heldout": len(tasks.heldout_templates(ctx)), "heldout_template_ids": tasks.heldout_templates(ctx), "pretrain_docs": len(docs),
                 "tokenizer_vocab": tok.vocab_size, "response_tokens_max": max(resp),
                 "response_tokens_mean": sum(resp) / len(resp), "prompt_tokens_max": max(prompt)}
 
@@ -203,12 +218,12 @@ class Run:
             return ["--save", save, "--load", save, "--no-finetune"]
         return ["--save", save, "--load", parent, "--finetune"]
 
-    def _sft(self, arm: str, parent: str, iters: int) -> dict:
+    def _sft(self, arm: str, parent: str, iters: int, extra: tuple = ()) -> dict:
         ck = self.ckpt(arm)
         self.sh([self.python, "-m", "megatron_diffu.sft", "--config", os.path.join(CONFIGS, "sft.yaml"),
                  "--data-path", self.path("data", "sft"), *self.tok_flags(), "--train-iters", str(iters),
                  *self._finetune_flags(ck, parent), "--save-interval", str(max(1, min(200, iters))),
-                 "--log-file", self.path("logs", f"{arm}_train.log")], arm)
+                 "--log-file", self.path("logs", f"{arm}_train.log"), *extra], arm)
         return {"iters": iters, "checkpoint": ck, "log": self.path("logs", f"{arm}_train.log.jsonl")}
 
     def stage_sft(self) -> dict:
@@ -253,13 +268,31 @@ class Run:
 
         write_jsonl(raw, [{k: r[k] for k in ("task_id", "prompt", "entry_point", "tests", "include_prompt")}
                           for r in pool if r["task_id"] in keep])
+        # no system message: SFT never saw one (DiffuCoder's RL recipe adds "You are a helpful
+        # assistant."; with it this model's rollouts collapsed to 4-13 tokens and pass rate 0)
         self.sh([self.python, "tools/preprocess_rl.py", "--input", raw, "--output", self.path("data", "rl.jsonl"),
-                 *self.tok_flags(), "--no-show-first-test", "--max-prompt-length", str(self.s.rl_seq_length - self.s.max_new_tokens)],
-                "preprocess_rl")
+                 *self.tok_flags(), "--no-show-first-test", "--system-prompt", "",
+                 "--max-prompt-length", str(self.s.rl_seq_length - self.s.max_new_tokens)], "preprocess_rl")
+        self._check_rl_prompts(probs)
         del problem_from_record
         return {"pool": len(pool), "intermediate": len(mid), "all_zero": sum(m == 0 for m in mean.values()),
                 "all_one": sum(m == 1 for m in mean.values()), "selected": len(chosen),
                 "pool_mean_pass_rate": sum(mean.values()) / max(1, len(mean))}
+
+    def _check_rl_prompts(self, probs: dict) -> None:
+        """Fail closed: every RL prompt must be token for token the prompt SFT trained on and the
+        evaluation uses (`Policy.prompt_ids`); a different wrapping makes RL train another task."""
+        from megatron_diffu.execution.problems import read_jsonl
+        from megatron_diffu.repro.evaluate import Policy
+
+        pol = Policy(None, self.tokenizer, "")
+        path = self.path("data", "rl.jsonl")
+        for line, rec in read_jsonl(path):
+            want = pol.prompt_ids(probs[rec["task_id"]])
+            if rec.get("prompt_ids") != want:
+                raise RuntimeError(f"{path}:{line}: prompt_ids of {rec['task_id']} differ from the SFT/evaluation "
+                                   f"prompt ({self.tokenizer.decode(rec.get('prompt_ids') or [])[:80]!r}...): "
+                                   f"check tools/preprocess_rl.py's --system-prompt / --prompt-template")
 
     def _grpo(self, arm: str, estimator: str) -> dict:
         ck = self.ckpt(arm)
@@ -279,8 +312,14 @@ class Run:
         return self._grpo("d1_grpo", "d1")
 
     def stage_sft_continued(self) -> dict:
-        # the SFT stage from the SFT checkpoint, as many optimizer steps as each RL arm took
-        return self._sft("sft_continued", self.ckpt("sft"), self.s.rl_iters)
+        # the SFT stage from the SFT checkpoint, as many optimizer steps as each RL arm took, at the
+        # learning rate SFT ended with (min_lr, constant): a fresh warm-up to SFT's peak 2e-3 is a
+        # perturbation, not "no RL" (it cost 0.07 pass@1 in the first full run)
+        from megatron_diffu.stages.diffusion.config import SFTRunConfig
+
+        end_lr = SFTRunConfig.from_args(["--config", os.path.join(CONFIGS, "sft.yaml")]).optimizer.min_lr
+        flags = ("--lr", str(end_lr), "--min-lr", str(end_lr), "--lr-warmup-iters", "0", "--lr-decay-style", "constant")
+        return self._sft("sft_continued", self.ckpt("sft"), self.s.rl_iters, flags)
 
     def _evaluate(self, arm: str) -> dict:
         from megatron_diffu.repro.eval_stages import evaluate_arm
@@ -355,6 +394,17 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__}, threads {torch.get_num_threads()}"
 
 
+def cpu_has_bf16() -> bool:
+    """bf16 dot products in hardware (AVX512-BF16 or AMX): bf16 training is ~1.8x fp32 there, and
+    slower than fp32 where it is emulated."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def generator_fingerprint() -> str:
     """sha256 (12 hex) of the task generator and file builders: a changed generator means new data."""
     import hashlib
@@ -383,6 +433,10 @@ def main(argv=None) -> int:
     for kv in a.set:
         k, v = kv.split("=", 1)
         s = replace(s, **{k: type(getattr(s, k))(v)})
+    if s.bf16 not in ("on", "off", "auto"):
+        raise SystemExit(f"error: --set bf16={s.bf16}: use on, off or auto")
+    if s.bf16 == "auto":  # resolved here, so that settings.json records what the run used
+        s = replace(s, bf16="on" if cpu_has_bf16() else "off")
     out = a.out or os.path.join(REPO, "runs", "mini_repro" if mode == "full" else f"mini_repro_{mode}")
     run = Run(out, mode, s)
     from megatron_diffu.common.atomic import atomic_write_json

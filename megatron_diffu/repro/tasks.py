@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from megatron_diffu.execution.protocol import WHOLE_FUNCTION_INSTRUCTION, instruct_prompt
 
@@ -160,11 +160,19 @@ STR_NAMES = ("s", "text", "word")
 N_NAMES = ("n", "m", "count")
 
 
-def all_templates() -> list[str]:
+def all_templates(contexts: Optional[Sequence[str]] = None) -> list[str]:
     """Every template id `context:op`, `context:pred` or `context:op|pred`, in a fixed order
-    (filter_sum only with the compositions listed in HELDOUT_TEMPLATES: it is a held-out context)."""
+    (filter_sum only with the compositions listed in HELDOUT_TEMPLATES: it is a held-out context).
+    `contexts` restricts the family to those contexts (None = all): a smaller family that a small
+    model can learn in a short budget, still with held-out compositions of its seen parts."""
+    if contexts is not None:
+        unknown = sorted(set(contexts) - set(CONTEXTS))
+        if unknown:
+            raise ValueError(f"unknown task contexts {unknown}: choose from {sorted(CONTEXTS)}")
     out = []
     for cname, ctx in CONTEXTS.items():
+        if contexts is not None and cname not in contexts:
+            continue
         if ctx.ops and ctx.preds:
             out += [t for t in (f"{cname}:{o}|{q}" for o in ctx.ops for q in ctx.preds)
                     if cname != "filter_sum" or t in HELDOUT_TEMPLATES]
@@ -192,12 +200,20 @@ def has_constants(template: str) -> bool:
         u is not None and (u.k or u.c) for u in (op, pred))
 
 
-def train_templates() -> list[str]:
-    return [t for t in all_templates() if t not in HELDOUT_TEMPLATES]
+def train_templates(contexts: Optional[Sequence[str]] = None) -> list[str]:
+    return [t for t in all_templates(contexts) if t not in HELDOUT_TEMPLATES]
 
 
-def heldout_templates() -> list[str]:
-    return [t for t in all_templates() if t in HELDOUT_TEMPLATES]
+def _units(template: str) -> list[str]:
+    return template.split(":")[1].split("|")
+
+
+def heldout_templates(contexts: Optional[Sequence[str]] = None) -> list[str]:
+    """The unseen compositions: held-out templates each of whose operators/predicates is trained in
+    some other template of the family (with a `contexts` subset, compositions whose parts the subset
+    never trains are dropped: they would test an unseen word, not a composition)."""
+    trained = {u for t in train_templates(contexts) for u in _units(t)}
+    return [t for t in all_templates(contexts) if t in HELDOUT_TEMPLATES and set(_units(t)) <= trained]
 
 
 def stable_hash(*parts) -> int:
@@ -344,17 +360,22 @@ def make_task(template: str, rng: random.Random, task_id: str, split: str,
     return Task(task_id, split, template, _constants(p), fname, signature, doc, solution, tests)
 
 
-def generate(split: str, n: int, seed: int = 0, prefix: str = "mini") -> list[Task]:
-    """`n` problems of `split`, templates round-robin over a seeded shuffle; deterministic."""
+def generate(split: str, n: int, seed: int = 0, prefix: str = "mini",
+             contexts: Optional[Sequence[str]] = None) -> list[Task]:
+    """`n` problems of `split`, templates round-robin over a seeded shuffle; deterministic.
+    `contexts`: only templates of these contexts (None = the whole family)."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: choose one of {SPLITS}")
     rng = random.Random(f"{seed}/{split}/{prefix}")
     if split == "train":
-        pool, accept = train_templates(), (lambda t: (lambda c: not is_heldout_constants(t, c)))
+        pool, accept = train_templates(contexts), (lambda t: (lambda c: not is_heldout_constants(t, c)))
     elif split == "heldout_constants":
-        pool, accept = [t for t in train_templates() if has_constants(t)], (lambda t: (lambda c: is_heldout_constants(t, c)))
+        pool = [t for t in train_templates(contexts) if has_constants(t)]
+        accept = (lambda t: (lambda c: is_heldout_constants(t, c)))
     else:
-        pool, accept = heldout_templates(), (lambda t: (lambda c: True))
+        pool, accept = heldout_templates(contexts), (lambda t: (lambda c: True))
+    if not pool:
+        raise ValueError(f"no {split} templates in contexts {list(contexts or [])}")
     out: list[Task] = []
     order: list[str] = []
     seen = set()

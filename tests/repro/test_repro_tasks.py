@@ -77,3 +77,22 @@ def test_prompt_and_response_follow_the_protocol():
     assert f"def {t.signature}:" in t.prompt and t.docstring in t.prompt
     assert single_python_block(t.response).strip() == t.solution
     assert len(t.tests) == tasks.NUM_TESTS and all(s.startswith(f"assert {t.entry_point}(") for s in t.tests)
+
+
+def test_a_context_subset_is_a_smaller_family_with_its_own_heldout_compositions():
+    ctx = ["op_scalar", "op_map", "pred_filter", "sop_scalar"]
+    train = tasks.generate("train", 200, seed=0, contexts=ctx)
+    held = tasks.generate("heldout_templates", 40, seed=0, contexts=ctx)
+    assert {t.template.split(":")[0] for t in train} == set(ctx)
+    # pred_filter:div and sop_scalar:replace are dropped: no other context of the subset trains
+    # `div` or `replace`, so they would test an unseen word rather than a composition
+    assert {t.template for t in held} == {"op_map:mul", "op_scalar:fdiv"}
+    assert not {t.template for t in train} & {t.template for t in held}
+    # every operator of a held-out composition is trained in another context of the subset
+    for t in {t.template for t in held}:
+        unit = t.split(":")[1]
+        assert any(x.split(":")[1] == unit for x in tasks.train_templates(ctx) if not x.startswith(t.split(":")[0]))
+    with pytest.raises(ValueError, match="unknown task contexts"):
+        tasks.train_templates(["op_scalar", "nope"])
+    with pytest.raises(ValueError, match="no heldout_templates templates"):
+        tasks.generate("heldout_templates", 1, contexts=["pred_scalar"])
