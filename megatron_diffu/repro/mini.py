@@ -37,7 +37,7 @@ CONFIGS = os.path.join(REPO, "examples", "mini_repro")
 ARMS = ("sft", "coupled_grpo", "d1_grpo", "sft_continued")
 
 
-# The task family of both modes: 6 of the 15 contexts (35 training templates, 5 held-out compositions).
+# The task family of both modes: 6 of the 16 contexts (35 training templates, 5 held-out compositions).
 # The whole family (111 templates) is too much for a 2.6M model in these budgets: 1200 SFT steps on it
 # gave 0/40 training problems (the model wrote its most frequent function name and wrong constants);
 # 1000 steps on 29 templates gave 3/40 with the 1/t weighting and 7/40 without (see docs/MINI_REPRO.md).
@@ -198,7 +198,8 @@ class Run:
         prompt = [len(tok.apply_chat_template([{"role": "user", "content": r["prompt"]}])) for r in sft[:500]]
         return {"n_train": len(train), "n_rl_pool": len(pool), "n_heldout_constants": len(hc),
                 "n_heldout_templates": len(ht), "templates_train": len(tasks.train_templates(ctx)),
-                "templates_heldout": len(tasks.heldout_templates(ctx)), "heldout_template_ids": tasks.heldout_templates(ctx), "pretrain_docs": len(docs),
+                "templates_heldout": len(tasks.heldout_templates(ctx)),
+                "heldout_template_ids": tasks.heldout_templates(ctx), "pretrain_docs": len(docs),
                 "tokenizer_vocab": tok.vocab_size, "response_tokens_max": max(resp),
                 "response_tokens_mean": sum(resp) / len(resp), "prompt_tokens_max": max(prompt)}
 

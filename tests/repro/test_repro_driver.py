@@ -1,0 +1,38 @@
+"""The mini driver fails closed when the RL prompts are not the prompts SFT trained on (a system
+message SFT never saw made the first full run's GRPO arms roll out 4-13-token answers, pass rate 0)."""
+import json
+
+import pytest
+
+from megatron_diffu.data.rl import chat_prompt_ids
+from megatron_diffu.repro import mini, tasks
+from megatron_diffu.repro.evaluate import load_problem_records
+
+
+class CharTokenizer:
+    """One id per character of role + content: enough to tell two chat wrappings apart."""
+
+    def apply_chat_template(self, messages, add_generation_prompt=False):
+        return [ord(c) for m in messages for c in m["role"] + ":" + m["content"]] + ([1] if add_generation_prompt else [])
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids if i > 1)
+
+
+def _write_rl(run, recs, probs, system_prompt):
+    with open(run.path("data", "rl.jsonl"), "w") as f:
+        for r in recs:
+            ids = chat_prompt_ids(CharTokenizer(), probs[r["task_id"]], False, system_prompt)
+            f.write(json.dumps({"task_id": r["task_id"], "prompt_ids": ids}) + "\n")
+
+
+def test_rl_prompts_must_equal_the_sft_and_evaluation_prompts(tmp_path):
+    run = mini.Run(str(tmp_path), "tiny", mini.SETTINGS["tiny"])
+    run._tok = CharTokenizer()
+    recs = [t.to_record() for t in tasks.generate("train", 3, seed=0)]
+    probs = load_problem_records(recs)
+    _write_rl(run, recs, probs, None)
+    run._check_rl_prompts(probs)  # the SFT wrapping: user turn only
+    _write_rl(run, recs, probs, "You are a helpful assistant.")
+    with pytest.raises(RuntimeError, match=r"rl\.jsonl:1: prompt_ids of .* differ from the SFT/evaluation prompt"):
+        run._check_rl_prompts(probs)
