@@ -1,4 +1,5 @@
-"""Helpers for multi-process tests: run a function on N gloo ranks and collect the results.
+"""Helpers for tests: run a function on N gloo ranks and collect the results (`run_distributed`),
+and a run-config stand-in for saving bare model checkpoints (`ModelOnlyRunConfig`).
 
 Every multi-process test in the suite goes through `run_distributed`, so they all get the
 same guarantees: one fresh process per rank (spawned, not forked, so no torch state leaks in),
@@ -83,3 +84,21 @@ def run_distributed(fn: Callable, world_size: int = 2, args: Sequence[Any] = (),
     if errors:
         raise RuntimeError("distributed test failed:\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+class ModelOnlyRunConfig:
+    """Stand-in for a composed run config where a test saves a checkpoint of a bare model: only the
+    `model:` section is written to the checkpoint's config YAML (all a loader reads back)."""
+
+    def __init__(self, model_cfg) -> None:
+        self.model_cfg = model_cfg
+
+    def save_yaml(self, path: str) -> None:
+        import dataclasses
+
+        import yaml
+
+        section = {k: v for k, v in dataclasses.asdict(self.model_cfg).items()
+                   if isinstance(v, (int, float, str, bool, type(None)))}
+        with open(path, "w") as f:
+            yaml.safe_dump({"model": section}, f)

@@ -2,7 +2,6 @@
 a tiny random model saved with save_checkpoint, two problems, two samples each, then a rerun
 that resumes (nothing is generated twice). The tiny model writes garbage, so we check the
 plumbing (records, ids, pass@k keys, resume), not the score."""
-import dataclasses
 import json
 import os
 import sys
@@ -11,21 +10,11 @@ import pytest
 
 pytestmark = pytest.mark.slow  # ~30 s on 2 shared cores: tokenizer, 151k-row checkpoint, two runs
 import torch
-import yaml
+
+from megatron_diffu.testing import ModelOnlyRunConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(REPO, "tools"))
-
-
-class _RunConfig:  # stand-in for the composed run config: only the model section is read back
-    def __init__(self, model_cfg):
-        self.model_cfg = model_cfg
-
-    def save_yaml(self, path):
-        section = {k: v for k, v in dataclasses.asdict(self.model_cfg).items()
-                   if isinstance(v, (int, float, str, bool, type(None)))}
-        with open(path, "w") as f:
-            yaml.safe_dump({"model": section}, f)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +29,7 @@ def tiny_checkpoint(tmp_path_factory):
     cfg = TransformerConfig.from_preset("tiny", vocab_size=padded_vocab_size(tok.vocab_size, 128, 1))
     model = DiffusionTransformer(cfg)
     save = tmp_path_factory.mktemp("ckpt")
-    save_checkpoint(save, 1, model, None, ProcessGrid.single(), _RunConfig(cfg), {"iteration": 1})
+    save_checkpoint(save, 1, model, None, ProcessGrid.single(), ModelOnlyRunConfig(cfg), {"iteration": 1})
     return str(save)
 
 

@@ -5,26 +5,14 @@ import dataclasses
 
 import pytest
 import torch
-import yaml
 
 import fake_te
 from megatron_diffu.model import fp8, te_backend
 from megatron_diffu.model.builder import build_model_shard
 from megatron_diffu.model.config import TransformerConfig
 from megatron_diffu.parallel.state import ProcessGrid
-from megatron_diffu.testing import run_distributed
+from megatron_diffu.testing import ModelOnlyRunConfig, run_distributed
 from megatron_diffu.training import checkpointing
-
-
-class _RunConfig:  # only the model section is read back
-    def __init__(self, model_cfg):
-        self.model_cfg = model_cfg
-
-    def save_yaml(self, path):
-        section = {k: v for k, v in dataclasses.asdict(self.model_cfg).items()
-                   if isinstance(v, (int, float, str, bool, type(None)))}
-        with open(path, "w") as f:
-            yaml.safe_dump({"model": section}, f)
 
 
 def _cfg(**kw):
@@ -41,7 +29,7 @@ def _train_step(model, ids):
 
 
 def _save(path, model, cfg):
-    checkpointing.save_checkpoint(path, 1, model, None, ProcessGrid.single(), _RunConfig(cfg), {"iteration": 1})
+    checkpointing.save_checkpoint(path, 1, model, None, ProcessGrid.single(), ModelOnlyRunConfig(cfg), {"iteration": 1})
 
 
 def _load(path, model, cfg):
@@ -186,7 +174,7 @@ def _amax_worker(rank, tmp):
             m.fp8.recipe = dataclasses.replace(m.fp8.recipe, amax_group=group)
         _train_step(model, ids)
         out[name] = _native_states(model)
-    checkpointing.save_checkpoint(tmp, 1, model, None, grid, _RunConfig(cfg), {"iteration": 1})  # DP=2 save
+    checkpointing.save_checkpoint(tmp, 1, model, None, grid, ModelOnlyRunConfig(cfg), {"iteration": 1})  # DP=2 save
     fte.install()
     te_cfg = _cfg(transformer_impl="transformer_engine", fp8_format="hybrid", fp8_no_grad=True)
     groups = {}

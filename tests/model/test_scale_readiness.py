@@ -8,27 +8,15 @@ import math
 
 import pytest
 import torch
-import yaml
 
 import fake_te
 from megatron_diffu.model.config import TransformerConfig
 from megatron_diffu.model.transformer import DiffusionTransformer, global_parameter_shapes
 from megatron_diffu.parallel.state import ProcessGrid
-from megatron_diffu.testing import run_distributed
+from megatron_diffu.testing import ModelOnlyRunConfig, run_distributed
 from megatron_diffu.training import checkpointing, optimizer as optim_mod
 from megatron_diffu.training.config import OptimizerConfig
 from megatron_diffu.training.optimizer import MixedPrecisionAdamW, param_shard_dim
-
-
-class _RunConfig:  # only the model section is read back
-    def __init__(self, model_cfg):
-        self.model_cfg = model_cfg
-
-    def save_yaml(self, path):
-        section = {k: v for k, v in dataclasses.asdict(self.model_cfg).items()
-                   if isinstance(v, (int, float, str, bool, type(None)))}
-        with open(path, "w") as f:
-            yaml.safe_dump({"model": section}, f)
 
 
 def _cfg(**kw):
@@ -100,7 +88,7 @@ def test_te_optimizer_state_is_canonical_and_resumes(monkeypatch, tmp_path, one_
     fake_te.install(monkeypatch)
     cfg = _cfg(transformer_impl="transformer_engine")
     model, opt = _trained(cfg)
-    checkpointing.save_checkpoint(tmp_path, 2, model, opt, ProcessGrid.single(), _RunConfig(cfg),
+    checkpointing.save_checkpoint(tmp_path, 2, model, opt, ProcessGrid.single(), ModelOnlyRunConfig(cfg),
                                   {"iteration": 2, "optimizer_step": opt.step_count})
     shapes = checkpointing.checkpoint_tensor_shapes(checkpointing.resolve_checkpoint_dir(tmp_path))
     for name, shape in global_parameter_shapes(cfg).items():
@@ -164,7 +152,7 @@ def _zero_stream_worker(rank, tmp):
         opt.reduce_gradients()
         opt.step(1e-3, opt.grad_norm())
     mine = {(k, n): t.clone() for k, n, t in opt.iter_state_tensors(device="cpu")}
-    checkpointing.save_checkpoint(tmp, 2, model, opt, grid, _RunConfig(cfg),
+    checkpointing.save_checkpoint(tmp, 2, model, opt, grid, ModelOnlyRunConfig(cfg),
                                   {"iteration": 2, "optimizer_step": opt.step_count})
     m2 = DiffusionTransformer(cfg, grid=grid, init_weights=False)
     o2 = MixedPrecisionAdamW(m2, OptimizerConfig(lr=1e-3), grid, use_distributed_optimizer=True)
@@ -188,7 +176,7 @@ def test_load_inference_model_builds_the_local_model_for_a_te_fp8_checkpoint(tmp
     cfg = _cfg()
     model = DiffusionTransformer(cfg)
     te_cfg = dataclasses.replace(cfg, transformer_impl="transformer_engine", fp8_format="hybrid")
-    checkpointing.save_checkpoint(tmp_path, 1, model, None, ProcessGrid.single(), _RunConfig(te_cfg),
+    checkpointing.save_checkpoint(tmp_path, 1, model, None, ProcessGrid.single(), ModelOnlyRunConfig(te_cfg),
                                   {"iteration": 1})
     loaded, loaded_cfg = checkpointing.load_inference_model(tmp_path)  # no TE, no CUDA here
     assert loaded_cfg.transformer_impl == "local" and loaded_cfg.fp8_format is None
