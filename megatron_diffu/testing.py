@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch.multiprocessing as mp
 
-from megatron_diffu.parallel.launch import free_port
+from megatron_diffu.parallel.launch import free_port, shutdown_distributed
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence[Any], queue) -> None:
@@ -36,8 +36,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence[
     except BaseException:  # noqa: BLE001 - report everything, including SystemExit
         queue.put((rank, False, traceback.format_exc()))
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed()
 
 
 def run_distributed(fn: Callable, world_size: int = 2, args: Sequence[Any] = (), timeout: float = 300.0) -> list:

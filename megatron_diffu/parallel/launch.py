@@ -26,6 +26,7 @@ With NCCL the CUDA device is set to ``local_rank % device_count`` before the gro
 from __future__ import annotations
 
 import datetime
+import gc
 import itertools
 import os
 import re
@@ -41,7 +42,7 @@ import torch.distributed as dist
 
 BACKEND_ENV = "MDIFFU_DIST_BACKEND"
 
-__all__ = ["init_distributed", "resolve_launch_env", "expand_nodelist", "default_port", "free_port", "LaunchEnv",
+__all__ = ["init_distributed", "shutdown_distributed", "resolve_launch_env", "expand_nodelist", "default_port", "free_port", "LaunchEnv",
            "choose_backend"]
 
 
@@ -227,3 +228,19 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0,
         raise RuntimeError(f"[launch] init_process_group({name}) failed for rank {launch.rank}/{launch.world_size} "
                            f"via {launch.launcher} at {launch.master_addr}:{port}: {exc}") from exc
     return launch.rank, launch.world_size, launch.local_rank
+
+
+def shutdown_distributed() -> None:
+    """Destroy every process group and free it now, while the interpreter is fully alive.
+
+    Why the collection: `destroy_process_group` only drops torch's own references. The groups a
+    run made (a `ProcessGrid` held by the trainer, reached through reference cycles) stay alive,
+    each with its gloo threads (a TCP loop and two run loops per group), until the cycle collector
+    or interpreter finalization frees them. Freed during finalization, a gloo worker that touches
+    a Python-owned tensor cannot take the GIL any more and the process aborts with
+    "terminate called without an active exception" (exit 134) after a run that succeeded; it
+    happened to both ranks of the SLURM CI job. Collecting here joins those threads first.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()

@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence
 import torch.distributed as dist
 
 from megatron_diffu.config import PRINT_CONFIG_FLAG, ConfigError, RunConfig
-from megatron_diffu.parallel.launch import init_distributed
+from megatron_diffu.parallel.launch import init_distributed, shutdown_distributed
 from megatron_diffu.training.checkpointing import CheckpointError
 from megatron_diffu.training.trainer import Stage, Trainer, build_grid
 
@@ -49,8 +49,7 @@ def run_stage(argv: Optional[Sequence[str]], make_stage: Callable[[RunConfig], S
 def exit_with(code: int) -> None:
     """End a `python -m` stage process: tear the process group down, then exit with `code`."""
     try:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed()
     finally:
         sys.exit(code)
 
