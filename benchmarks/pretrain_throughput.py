@@ -2,7 +2,7 @@
 """Pretraining throughput: our trainer vs a plain reference loop, same model/data/objective.
 
     python benchmarks/pretrain_throughput.py [--configs tiny,100m] [--nprocs 1,2] [--steps 12] [--bf16]
-                                             [--fused-adam]
+                                             [--fused-adam] [--unfused-wgrad]
 
 Measures full training steps (batch fetch, noise, forward, loss, backward, gradient reduction,
 clip, optimizer, logging) after one warm-up step of each side:
@@ -10,6 +10,9 @@ clip, optimizer, logging) after one warm-up step of each side:
   AdamW), 1 process or 2 (gloo, DP=2); `--bf16`: also our bf16 trainer path (bf16 parameters and
   compute, fp32 gradients and master weights, fused AdamW), compared with the same fp32 reference;
   `--fused-adam`: our fp32 path on torch's fused AdamW kernel (opt-in for fp32: it rounds differently);
+  `--unfused-wgrad`: ours with `--no-gradient-accumulation-fusion` (weight gradients computed into new
+  tensors and then added into the fp32 buffer; the embedding's a dense [V, H] gradient), the baseline
+  of that fusion measured in the same run;
 - reference: transformers `Qwen2ForCausalLM` with a full (bidirectional) 4-D mask, the objective
   written naively (full [B, S, V] logits, shift by hand, 1/t-weighted CE over masked positions),
   `torch.optim.AdamW` + `clip_grad_norm_`; 2 processes = torch DDP (gloo).
@@ -64,7 +67,7 @@ def _batch(sample_ids, seq, vocab):
 PHASES = ("batch", "noise", "forward", "loss", "backward", "grad reduce", "clip", "optimizer", "logging")
 
 
-def _ours(name, world, bf16=False, fused=False):
+def _ours(name, world, bf16=False, fused=False, wgrad_fusion=True):
     """Our trainer + pretraining stage; returns step() -> (seconds, {phase: s}, mask fraction)."""
     from megatron_diffu.stages.diffusion.config import PretrainRunConfig
     from megatron_diffu.stages.diffusion.objective import DocumentMasking, PerPosition
@@ -77,6 +80,7 @@ def _ours(name, world, bf16=False, fused=False):
             "--seq-length", str(seq), "--max-position-embeddings", str(seq), "--mock-data", "--eval-interval", "0",
             "--log-interval", "1000000", "--random-truncation-prob", "0", "--peak-flops", "1"]
     args += ["--bf16"] if bf16 else []
+    args += [] if wgrad_fusion else ["--no-gradient-accumulation-fusion"]
     for k, v in over.items():
         args += ([f"--{k.replace('_', '-')}"] if v is True else [f"--no-{k.replace('_', '-')}"] if v is False
                  else [f"--{k.replace('_', '-')}", str(v)])
@@ -227,10 +231,10 @@ def _bench(rank, name, steps, world, sides):
 
     builders = {"ours": lambda: _ours(name, world), "ref": lambda: _reference(name, world),
                 "bf16": lambda: _ours(name, world, bf16=True), "fused": lambda: _ours(name, world, fused=True),
-                "model": lambda: _model_step(name, world)}
+                "unfused": lambda: _ours(name, world, wgrad_fusion=False), "model": lambda: _model_step(name, world)}
     fns = {k: builders[k]() for k in sides}
     dtypes = {"ours": torch.float32, "ref": torch.float32, "bf16": torch.bfloat16, "fused": torch.float32,
-              "model": torch.float32}
+              "unfused": torch.float32, "model": torch.float32}
     peaks = {dt: [measure_peak_flops(torch.device("cpu"), dt)] for dt in set(dtypes[k] for k in sides)}
     for f in fns.values():
         f()  # warm-up
@@ -289,11 +293,14 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=12, help="interleaved timed steps per side (after one warm-up)")
     ap.add_argument("--bf16", action="store_true", help="also time our bf16 trainer path (vs the fp32 reference)")
     ap.add_argument("--fused-adam", action="store_true", help="also time ours with the fused AdamW kernel")
+    ap.add_argument("--unfused-wgrad", action="store_true",
+                    help="also time ours with --no-gradient-accumulation-fusion (dW into a new tensor, then added)")
     ap.add_argument("--no-model-step", action="store_true", help="skip our model's forward+backward alone")
     args = ap.parse_args(argv)
     sides = ["ours", "ref"] + (["bf16"] if args.bf16 else []) + (["fused"] if args.fused_adam else [])
+    sides += ["unfused"] if args.unfused_wgrad else []
     sides += [] if args.no_model_step else ["model"]
-    labels = {"ours": "ours", "bf16": "ours bf16", "fused": "ours fused-adam"}
+    labels = {"ours": "ours", "bf16": "ours bf16", "fused": "ours fused-adam", "unfused": "ours unfused"}
     rows, spreads, breakdowns, model_rows = [], [], [], []
     for name in args.configs.split(","):
         _, seq, mbs = CONFIGS[name]
@@ -325,7 +332,8 @@ def main(argv=None) -> int:
                 med = {p: _median([ph[p] for ph in res[k]["phases"]]) for p in PHASES}
                 breakdowns.append((labels.get(k, "reference"), name, nproc, _median(res[k]["time"]), med))
     for kind, title in (("ours", None), ("bf16", "our bf16 trainer path (MFU vs the bf16 peak) vs the fp32 reference"),
-                        ("fused", "ours with the fused AdamW kernel (opt-in) vs the reference")):
+                        ("fused", "ours with the fused AdamW kernel (opt-in) vs the reference"),
+                        ("unfused", "ours without gradient accumulation fusion vs the reference")):
         sel = [r for r in rows if r[0] == kind]
         if not sel:
             continue

@@ -36,7 +36,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..common.seeding import parameter_seed
 from ..parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                               copy_to_tensor_parallel_region, gather_from_sequence_parallel_region)
+                               copy_to_tensor_parallel_region, gather_from_sequence_parallel_region,
+                               linear_accumulating)
 from ..parallel.state import ProcessGrid, group_rank, group_size
 from .attention import AttentionMask, attention, build_attention_mask  # noqa: F401 (re-exported)
 from .config import TransformerConfig
@@ -383,17 +384,22 @@ class DiffusionTransformer(nn.Module):
                                  f"expected {tuple(x.shape[:2])}")
             rows, cols = logit_positions.nonzero(as_tuple=True)
             x = x[rows, (cols - 1).clamp(min=0) if shift else cols]  # [N, H]
-            return _rows_padded_linear(x, self.output_weight)
+            return _rows_padded_linear(x, self._output_parameter)
         elif shift:
             x = torch.cat([x[:, :1], x[:, :-1]], dim=1)
-        return F.linear(x, self.output_weight)
+        return linear_accumulating(x, self._output_parameter)
+
+    @property
+    def _output_parameter(self) -> nn.Parameter:
+        """The head's parameter itself (its optimizer attributes live on it, not on a view)."""
+        if self.cfg.untie_embeddings_and_output_weights:
+            return self.output_layer.weight
+        return self.embedding.word_embeddings.weight
 
     @property
     def output_weight(self) -> torch.Tensor:
-        if self.cfg.untie_embeddings_and_output_weights:
-            w = self.output_layer.weight
-            return w.reshape(-1, w.shape[-1])
-        return self.embedding.word_embeddings.weight
+        w = self._output_parameter
+        return w.reshape(-1, w.shape[-1])
 
 
 HEAD_ROW_MULTIPLE = 64
@@ -409,8 +415,8 @@ def _rows_padded_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
     pad = (-n) % HEAD_ROW_MULTIPLE
     if pad == 0:
-        return F.linear(x, weight)
-    return F.linear(torch.cat([x, x.new_zeros(pad, x.shape[1])]), weight)[:n]
+        return linear_accumulating(x, weight)
+    return linear_accumulating(torch.cat([x, x.new_zeros(pad, x.shape[1])]), weight)[:n]
 
 
 def _is_model_key(key: str, cfg: TransformerConfig) -> bool:

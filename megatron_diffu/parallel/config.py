@@ -14,6 +14,9 @@ class ParallelConfig(SectionConfig):
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     pipeline_model_parallel_split: Optional[list[int]] = None  # layers per stage; None = even split
+    # fp32 weights: dW accumulated into the fp32 gradient buffer inside its GEMM / scatter-add
+    # (parallel/layers.py); Megatron's flag, off with --no-gradient-accumulation-fusion
+    gradient_accumulation_fusion: bool = True
 
     def problems(self) -> list[str]:
         e = []

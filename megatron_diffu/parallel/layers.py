@@ -196,10 +196,87 @@ def _param(global_shape, shard_dim, tp, dtype, device) -> nn.Parameter:
     return p
 
 
+# ---------------------------------------------------------------------- gradient accumulation fusion
+def fuses_wgrad(weight: torch.Tensor) -> bool:
+    """True when `weight`'s gradient is to be accumulated straight into its `main_grad` (Megatron's
+    gradient accumulation fusion): the optimizer sets `fuse_wgrad_accumulation` on the fp32
+    parameters it owns (`--no-gradient-accumulation-fusion` turns it off). Only where the weight and
+    its main_grad share a dtype: a bf16 weight's fp32 accumulation would need a mixed-dtype GEMM."""
+    main_grad = getattr(weight, "main_grad", None)
+    return (getattr(weight, "fuse_wgrad_accumulation", False) and weight.requires_grad
+            and torch.is_grad_enabled() and main_grad is not None and main_grad.dtype == weight.dtype)
+
+
+class _LinearAccumulatingWgrad(torch.autograd.Function):
+    """y = x W^T (+ b) where W is `weight` viewed as [out, in]; backward adds dW = g^T x into
+    `weight.main_grad` inside the GEMM (addmm_ with beta 1) and returns no weight gradient.
+
+    Why: the unfused backward computes dW into a new tensor and AccumulateGrad then adds it into
+    the buffer: one allocation and one more pass over every weight per micro-batch, which on a CPU
+    is a visible share of a step. The values are the same up to the order of one addition per
+    element (exactly the same for the first micro-batch, whose buffer is zero)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        w2 = weight.view(-1, weight.shape[-1])
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x, w2, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        w2 = weight.view(-1, weight.shape[-1])
+        g2 = g.reshape(-1, g.shape[-1])
+        grad_x = (g2 @ w2).view(*g.shape[:-1], w2.shape[1]) if ctx.needs_input_grad[0] else None
+        weight.main_grad.view(-1, weight.shape[-1]).addmm_(g2.t(), x.reshape(-1, x.shape[-1]))
+        grad_b = g2.sum(0) if ctx.has_bias else None
+        return grad_x, None, grad_b
+
+
+class _EmbeddingAccumulatingWgrad(torch.autograd.Function):
+    """F.embedding whose backward index-adds the output gradient rows into `weight.main_grad`
+    (fused accumulation, as above): the dense [V, H] gradient of `embedding_dense_backward` (a
+    zero fill, a scatter and then an add over every row of a 151k-row table) becomes a scatter-add
+    of the micro-batch's rows."""
+
+    @staticmethod
+    def forward(ctx, ids, weight):
+        ctx.save_for_backward(ids)
+        ctx.weight = weight
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, g):
+        (ids,) = ctx.saved_tensors
+        main_grad = ctx.weight.main_grad
+        main_grad.index_add_(0, ids.reshape(-1), g.reshape(-1, g.shape[-1]).to(main_grad.dtype))
+        ctx.weight = None
+        return None, None
+
+
+def linear_accumulating(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear(x, weight viewed as [out, in], bias), its weight gradient fused into main_grad when
+    `fuses_wgrad(weight)`."""
+    if fuses_wgrad(weight):
+        return _LinearAccumulatingWgrad.apply(x, weight, bias)
+    return F.linear(x, weight.reshape(-1, weight.shape[-1]), bias)
+
+
+def embedding_accumulating(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.embedding(ids, weight), its weight gradient fused into main_grad when `fuses_wgrad(weight)`."""
+    if fuses_wgrad(weight):
+        return _EmbeddingAccumulatingWgrad.apply(ids, weight)
+    return F.embedding(ids, weight)
+
+
 def _linear(module: nn.Module, x, w, b=None):
-    """F.linear, or the module's torch-native FP8 linear (model/fp8.py `enable_fp8`) when attached."""
+    """F.linear (weight gradient fused into main_grad where the optimizer asks for it), or the
+    module's torch-native FP8 linear (model/fp8.py `enable_fp8`) when attached."""
     fp8 = getattr(module, "fp8", None)
-    return F.linear(x, w, b) if fp8 is None else fp8.linear(x, w, b)
+    if fp8 is not None:
+        return fp8.linear(x, w.reshape(-1, w.shape[-1]), b)
+    return linear_accumulating(x, w, b)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -232,7 +309,7 @@ class ColumnParallelLinear(nn.Module):
             x = copy_to_tensor_parallel_region(x, self.tp_group)
         w = self.weight if weight is None else weight
         b = None if self.bias is None else self.bias.reshape(-1)
-        y = _linear(self, x, w.reshape(-1, w.shape[-1]), b)
+        y = _linear(self, x, w, b)
         return gather_from_tensor_parallel_region(y, self.tp_group) if self.gather_output else y
 
 
@@ -274,11 +351,11 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if group_size(self.tp_group) == 1:
-            out = F.embedding(ids, self.weight)
+            out = embedding_accumulating(ids, self.weight)
         else:
             outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
             local = (ids - self.vocab_start).masked_fill(outside, 0)
-            out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+            out = embedding_accumulating(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
         if self.sequence_parallel:
             return reduce_scatter_to_sequence_parallel_region(out, self.tp_group)
         return reduce_from_tensor_parallel_region(out, self.tp_group)

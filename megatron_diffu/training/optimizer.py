@@ -95,7 +95,7 @@ class MixedPrecisionAdamW:
     """See the module docstring. `named_params`: (global name, parameter) of this rank's model."""
 
     def __init__(self, model: nn.Module, cfg, grid, use_distributed_optimizer: bool = False,
-                 fused: Optional[bool] = None):
+                 fused: Optional[bool] = None, gradient_accumulation_fusion: bool = False):
         self.cfg, self.grid = cfg, grid
         self.distributed = bool(use_distributed_optimizer) and grid.dp_size > 1
         self.dp_group = grid.dp_group
@@ -137,6 +137,8 @@ class MixedPrecisionAdamW:
                 if e.param.dtype == torch.float32:
                     # autograd accumulates in place into an existing .grad: point it at the buffer
                     e.param.grad = e.param.main_grad
+                    # our linears / embedding then add dW into it inside the GEMM (parallel/layers.py)
+                    e.param.fuse_wgrad_accumulation = bool(gradient_accumulation_fusion)
                 else:  # bf16: fp32 accumulation through a hook, the bf16 .grad is freed at once
                     e.param.register_post_accumulate_grad_hook(_accumulate_main_grad)
         if self.distributed:

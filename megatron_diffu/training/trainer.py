@@ -220,7 +220,8 @@ class Trainer:
             keep_large_host_blocks()
         self.model = model if model is not None else build_model(cfg, self.grid, self.device)
         self.optimizer = MixedPrecisionAdamW(self.model, cfg.optimizer, self.grid, cfg.parallel.use_distributed_optimizer,
-                                             fused=getattr(cfg.optimizer, "fused_adam", None))
+                                             fused=getattr(cfg.optimizer, "fused_adam", None),
+                                             gradient_accumulation_fusion=cfg.parallel.gradient_accumulation_fusion)
         self.lr_schedule = LRSchedule.from_config(cfg.optimizer, self.train_iters, self.global_batch_size)
         self.iteration = 0
         self.consumed_samples = 0
