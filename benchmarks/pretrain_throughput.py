@@ -35,6 +35,11 @@ is what remains of the schedule); the reference times its loop inline. "clip" is
 norm + clipping (ours: the norm; the clip multiply runs in the optimizer step), "optimizer" is
 zero_grad + AdamW (+ master->param copy), "logging" the step's reductions/metrics/logger.
 With DDP the reference's gradient all-reduce overlaps its backward (counted there).
+
+GEMM time: two more steps of each side under torch.profiler; the self time of the matrix-multiply
+kernels (mm, addmm, bmm, ...) per step, and the "ceiling" = reference step / our GEMM time: the
+speed-up ours would reach if everything but its GEMMs took no time, with both sides' GEMMs as fast
+as they run now (the body's GEMMs are the same calls on both sides; ours projects fewer head rows).
 """
 from __future__ import annotations
 
@@ -253,7 +258,27 @@ def _bench(rank, name, steps, world, sides):
         peaks[dt].append(measure_peak_flops(torch.device("cpu"), dt))
     for k in sides:
         out[k]["peak"] = max(peaks[dtypes[k]])
+    for k in [s for s in sides if s != "model"]:
+        out[k]["gemm"] = _gemm_share(fns[k])
     return out
+
+
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm")
+
+
+def _gemm_share(step, steps: int = 2):
+    """(step s, GEMM s) per step, from torch.profiler over `steps` more steps: the self time of the
+    matrix-multiply kernels (GEMM_OPS; attention kernels are not counted). What is left of a step
+    beyond its GEMMs is the most any removal of non-GEMM work can save."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = (time.perf_counter() - t0) / steps
+    gemm = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMM_OPS) / 1e6 / steps
+    return wall, gemm
 
 
 def _flops(name, tokens, projected):
@@ -301,7 +326,7 @@ def main(argv=None) -> int:
     sides += ["unfused"] if args.unfused_wgrad else []
     sides += [] if args.no_model_step else ["model"]
     labels = {"ours": "ours", "bf16": "ours bf16", "fused": "ours fused-adam", "unfused": "ours unfused"}
-    rows, spreads, breakdowns, model_rows = [], [], [], []
+    rows, spreads, breakdowns, model_rows, gemms = [], [], [], [], []
     for name in args.configs.split(","):
         _, seq, mbs = CONFIGS[name]
         for nproc in [int(n) for n in args.nprocs.split(",")]:
@@ -329,6 +354,9 @@ def main(argv=None) -> int:
                                 (max(ours["time"]) - min(ours["time"])) / t_ours,
                                 (max(ref["time"]) - min(ref["time"])) / t_ref))
             for k in [s for s in sides if s != "model"]:
+                wall, gemm = res[k]["gemm"]
+                gemms.append((labels.get(k, "reference"), name, nproc, wall, gemm,
+                              None if k == "ref" else res["ref"]["gemm"][0] / gemm))
                 med = {p: _median([ph[p] for ph in res[k]["phases"]]) for p in PHASES}
                 breakdowns.append((labels.get(k, "reference"), name, nproc, _median(res[k]["time"]), med))
     for kind, title in (("ours", None), ("bf16", "our bf16 trainer path (MFU vs the bf16 peak) vs the fp32 reference"),
@@ -359,6 +387,14 @@ def main(argv=None) -> int:
             print(f"{r[0]:<16}{r[1]:<7}{r[2]:>6}{r[3]:>13.1f}{r[4]:>12.1f}{100 * r[5]:>11.0f}%{100 * r[6]:>6.0f}%"
                   f"{100 * r[7]:>6.0f}%")
         print("(step/model = median over interleaved pairs of model-step time / full-step time)")
+    if gemms:
+        print("\nGEMM time (torch.profiler, 2 more steps per side; attention kernels not counted):")
+        print(f"{'side':<16}{'config':<7}{'procs':>6}{'step ms':>9}{'GEMM ms':>9}{'GEMM %':>8}{'ceiling':>9}")
+        for label, name, nproc, wall, gemm, ceiling in gemms:
+            print(f"{label:<16}{name:<7}{nproc:>6}{1000 * wall:>9.1f}{1000 * gemm:>9.1f}{100 * gemm / wall:>7.0f}%"
+                  + (f"{ceiling:>8.2f}x" if ceiling else f"{'':>9}"))
+        print("(ceiling = reference step / our GEMM time: the speed-up if everything but our GEMMs took no"
+              " time, both sides' GEMMs running as now)")
     print("\nphase breakdown, median ms per step (same run):")
     print(f"{'side':<16}{'config':<7}{'procs':>6}{'step':>8}" + "".join(f"{p:>12}" for p in PHASES))
     for label, name, nproc, t, med in breakdowns:
