@@ -21,7 +21,8 @@ docs/ALGORITHMS.md sec. 3. Pipeline:
    `sft_response_cutoff` (padding beyond the micro-batch's longest conversation is cut: not
    attended, not maskable, dropped in bucketed mode) and `sft_tail_cut_prob` (with that
    probability a micro-batch keeps only a random amount of its trailing padding), both keyed by
-   (seed, first sample index of the micro-batch). Packed rows get a [B, 1, S, S] block-diagonal
+   (seed, first sample index of the micro-batch); with buckets a cut micro-batch is materialised
+   up to a multiple of `sft_cut_length_multiple` (default 16: a few shapes, not one per length). Packed rows get a [B, 1, S, S] block-diagonal
    attention mask, position ids restarting at 0 per conversation and `segment_ids`. Each packed
    conversation is followed by `sft_pack_pad_tokens` pad tokens in its own segment, maskable and
    counted, like the padding after an unpacked response (the packing plan reserves them); 0 is
@@ -36,6 +37,7 @@ tokens proper, without padding) for metrics.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -241,6 +243,11 @@ class SFTDataConfig(SectionConfig):
     sft_length_buckets: list[int] = field(default_factory=list)  # [] = pad to seq_length
     sft_response_cutoff: bool = False  # cut padding beyond the micro-batch's longest conversation
     sft_tail_cut_prob: float = 0.0  # probability of keeping only a random part of the trailing padding
+    # bucketed: a micro-batch cut short keeps its length rounded up to a multiple of this (the extra
+    # positions are padding, unattended and unmaskable), so cuts make a few shapes instead of one per
+    # length: kernels are planned per GEMM / attention shape (oneDNN's bf16 cache grew RSS by 0.45 GB
+    # over 3500 steps; cuDNN / TE build a graph per length). 1 = the exact cut (the earlier behaviour)
+    sft_cut_length_multiple: int = 16
     sft_loss_normalization: str = "token"  # token: per response token | sequence: per sequence, then mean
     #                                        | masked: per masked token of each micro-batch (Dream's SFT; sec. 3.3)
     sft_valid_data_path: Optional[str] = None  # held-out SFT prefix (tools/preprocess_sft.py output)
@@ -255,6 +262,8 @@ class SFTDataConfig(SectionConfig):
             e.append(f"sft.sft_length_buckets={self.sft_length_buckets} must be increasing positive lengths")
         if self.sft_pack_pad_tokens < 0:
             e.append(f"sft.sft_pack_pad_tokens={self.sft_pack_pad_tokens} must be >= 0")
+        if self.sft_cut_length_multiple < 1:
+            e.append(f"sft.sft_cut_length_multiple={self.sft_cut_length_multiple} must be >= 1 (1 = exact cut lengths)")
         if not 0.0 <= self.sft_tail_cut_prob <= 1.0:
             e.append(f"sft.sft_tail_cut_prob={self.sft_tail_cut_prob} must be in [0, 1]")
         if self.sft_loss_normalization not in ("token", "sequence", "masked"):
@@ -343,8 +352,9 @@ class SFTCollator:
         self.cfg = cfg or SFTDataConfig()
         self.seed = int(seed)
         # bucketed micro-batches cut to `cut` positions keep ceil(cut / m) * m of them (the extra
-        # ones unattended, not maskable): FP8 GEMM shapes (model/fp8_shapes.py length_multiple)
-        self.length_multiple = max(1, int(length_multiple))
+        # ones unattended, not maskable): m = lcm(FP8's multiple (model/fp8_shapes.py
+        # length_multiple), sft_cut_length_multiple)
+        self.length_multiple = math.lcm(max(1, int(length_multiple)), max(1, int(self.cfg.sft_cut_length_multiple)))
 
     def _length(self, longest: int) -> int:
         """Padded length of a micro-batch whose longest row has `longest` tokens."""

@@ -152,6 +152,30 @@ def test_buckets_cutoff_and_tail_cut():
     assert len(lengths) > 5
 
 
+def test_cut_lengths_round_up_to_the_multiple_with_the_same_cut():
+    """Bucketed + tail cut: the multiple changes only how many (unattended, unmaskable) pad positions
+    are materialised, never the cut itself (same keyed draw) nor the tokens, masks or loss positions
+    before it."""
+    rows = [[conv(4, 3)], [conv(2, 6)]]
+    exact_cfg = SFTDataConfig(sft_length_buckets=[40], sft_tail_cut_prob=1.0, sft_cut_length_multiple=1)
+    round_cfg = SFTDataConfig(sft_length_buckets=[40], sft_tail_cut_prob=1.0, sft_cut_length_multiple=16)
+    shapes_exact, shapes_round = set(), set()
+    for key in range(30):
+        exact = SFTCollator(40, PAD, exact_cfg, seed=3)(rows, [key, key + 1])
+        rounded = SFTCollator(40, PAD, round_cfg, seed=3)(rows, [key, key + 1])
+        n = exact["tokens"].shape[1]
+        m = rounded["tokens"].shape[1]
+        assert m == min(40, -(-n // 16) * 16)
+        assert torch.equal(rounded["tokens"][:, :n], exact["tokens"])
+        assert torch.equal(rounded["maskable"][:, :n], exact["maskable"]) and rounded["maskable"][:, n:].sum() == 0
+        attended = rounded.get("attention_mask", torch.ones(2, m, dtype=torch.bool))
+        assert attended[:, :n].all() and not attended[:, n:].any()
+        shapes_exact.add(n)
+        shapes_round.add(m)
+    assert len(shapes_exact) > 5 and shapes_round <= {16, 32, 40}
+    assert SFTDataConfig(sft_cut_length_multiple=0).problems()  # fail closed on a useless value
+
+
 def test_pack_plan_and_packed_batch_layout():
     lengths = np.array([5, 4, 6, 3, 9])
     rows = pack_plan(lengths, np.arange(5), 10)

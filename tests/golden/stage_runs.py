@@ -54,7 +54,8 @@ def run_sft(work: Path) -> dict:
 
     prefix, tok = corpus_fixture.__wrapped__(_Factory())
     cfg = make_cfg(prefix, tok.vocab_size, {"training": {"train_iters": 6, "eval_interval": 3, "eval_iters": 1},
-                                            "sft": {"sft_tail_cut_prob": 0.5, "sft_length_buckets": [96, 160]}})
+                                            "sft": {"sft_tail_cut_prob": 0.5, "sft_length_buckets": [96, 160],
+                                                    "sft_cut_length_multiple": 1}})  # recorded before the default 16
     trainer = make_trainer(cfg, tok)
     trainer.train()
     return {"curves": _curves(trainer.history, SFT_KEYS), "validation": _validation(trainer)}
