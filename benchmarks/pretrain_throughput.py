@@ -36,8 +36,9 @@ norm + clipping (ours: the norm; the clip multiply runs in the optimizer step), 
 zero_grad + AdamW (+ master->param copy), "logging" the step's reductions/metrics/logger.
 With DDP the reference's gradient all-reduce overlaps its backward (counted there).
 
-GEMM time: two more steps of each side under torch.profiler; the self time of the matrix-multiply
-kernels (mm, addmm, bmm, ...) per step, and the "ceiling" = reference step / our GEMM time: the
+GEMM time: two more steps of each side under torch.profiler give the share of the step spent in
+the matrix-multiply kernels (mm, addmm, bmm, ...; their self time), applied to the side's timed
+median step; the "ceiling" = reference step / our GEMM time: the
 speed-up ours would reach if everything but its GEMMs took no time, with both sides' GEMMs as fast
 as they run now (the body's GEMMs are the same calls on both sides; ours projects fewer head rows).
 """
@@ -355,8 +356,10 @@ def main(argv=None) -> int:
                                 (max(ref["time"]) - min(ref["time"])) / t_ref))
             for k in [s for s in sides if s != "model"]:
                 wall, gemm = res[k]["gemm"]
-                gemms.append((labels.get(k, "reference"), name, nproc, wall, gemm,
-                              None if k == "ref" else res["ref"]["gemm"][0] / gemm))
+                share = gemm / wall  # the profiled steps' GEMM share, applied to the timed median (steadier)
+                t_k = _median(res[k]["time"])
+                gemms.append((labels.get(k, "reference"), name, nproc, t_k, share,
+                              None if k == "ref" else t_ref / (t_k * share)))
                 med = {p: _median([ph[p] for ph in res[k]["phases"]]) for p in PHASES}
                 breakdowns.append((labels.get(k, "reference"), name, nproc, _median(res[k]["time"]), med))
     for kind, title in (("ours", None), ("bf16", "our bf16 trainer path (MFU vs the bf16 peak) vs the fp32 reference"),
@@ -390,11 +393,12 @@ def main(argv=None) -> int:
     if gemms:
         print("\nGEMM time (torch.profiler, 2 more steps per side; attention kernels not counted):")
         print(f"{'side':<16}{'config':<7}{'procs':>6}{'step ms':>9}{'GEMM ms':>9}{'GEMM %':>8}{'ceiling':>9}")
-        for label, name, nproc, wall, gemm, ceiling in gemms:
-            print(f"{label:<16}{name:<7}{nproc:>6}{1000 * wall:>9.1f}{1000 * gemm:>9.1f}{100 * gemm / wall:>7.0f}%"
+        for label, name, nproc, t_k, share, ceiling in gemms:
+            print(f"{label:<16}{name:<7}{nproc:>6}{1000 * t_k:>9.1f}{1000 * t_k * share:>9.1f}{100 * share:>7.0f}%"
                   + (f"{ceiling:>8.2f}x" if ceiling else f"{'':>9}"))
-        print("(ceiling = reference step / our GEMM time: the speed-up if everything but our GEMMs took no"
-              " time, both sides' GEMMs running as now)")
+        print("(step = the timed median; GEMM % = the share of the profiled steps; ceiling = reference step /"
+              " our GEMM time:\n the speed-up if everything but our GEMMs took no time, both sides' GEMMs"
+              " running as now)")
     print("\nphase breakdown, median ms per step (same run):")
     print(f"{'side':<16}{'config':<7}{'procs':>6}{'step':>8}" + "".join(f"{p:>12}" for p in PHASES))
     for label, name, nproc, t, med in breakdowns:
