@@ -213,8 +213,9 @@ class _LinearAccumulatingWgrad(torch.autograd.Function):
 
     Why: the unfused backward computes dW into a new tensor and AccumulateGrad then adds it into
     the buffer: one allocation and one more pass over every weight per micro-batch, which on a CPU
-    is a visible share of a step. The values are the same up to the order of one addition per
-    element (exactly the same for the first micro-batch, whose buffer is zero)."""
+    is a visible share of a step (100M model, fp32, 1 CPU process: backward 794 -> 747 ms in one
+    benchmark run). The same sums, in another order of additions (the GEMM may fold the buffer in
+    at any point of its reduction)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
