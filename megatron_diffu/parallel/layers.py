@@ -11,6 +11,9 @@ Parameters carry two attributes that the rest of the code relies on:
 - ``tp_shard_dim``: the dim of the canonical (global) shape split over TP, or None (replicated);
 - ``sequence_parallel``: True for replicated parameters whose gradient is only partial on each TP
   rank under sequence parallelism (norm weights); `allreduce_sequence_parallel_grads` sums them.
+The optimizer may add two more (training/optimizer.py): ``main_grad``, the parameter's view of the
+fp32 gradient buffer, and ``fuse_wgrad_accumulation``: then the linears and the embedding add
+their weight gradient into ``main_grad`` themselves (`fuses_wgrad`; gradient accumulation fusion).
 """
 from __future__ import annotations
 
