@@ -254,7 +254,7 @@ class _EmbeddingAccumulatingWgrad(torch.autograd.Function):
     def backward(ctx, g):
         (ids,) = ctx.saved_tensors
         main_grad = ctx.weight.main_grad
-        main_grad.index_add_(0, ids.reshape(-1), g.reshape(-1, g.shape[-1]).to(main_grad.dtype))
+        main_grad.index_add_(0, ids.reshape(-1), g.reshape(-1, g.shape[-1]))  # same dtype: fuses_wgrad
         ctx.weight = None
         return None, None
 
