@@ -23,6 +23,7 @@ of each operand divisible by 16 (`check_fp8_shapes`; start-up checks in model/fp
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import pickle
 from dataclasses import dataclass
@@ -57,8 +58,17 @@ class ScalingState:
         self.history = torch.zeros(max(1, history_len), dtype=torch.float32, device=device)
         self.scale = torch.ones((), dtype=torch.float32, device=device)
 
+        self.replay: collections.deque = collections.deque()  # scales of recorded forwards (FIFO)
+
     def update(self, x: torch.Tensor, group=None) -> torch.Tensor:
-        """Record amax(|x|), return the scale to use for x (fp32 scalar tensor)."""
+        """Record amax(|x|), return the scale to use for x (fp32 scalar tensor). Under full
+        recompute (`recompute_contexts`) the forward also queues the scale, and the recomputation
+        takes it back instead of recording x a second time."""
+        if _RECOMPUTE_MODE[-1] == "replay":
+            if not self.replay:
+                raise RuntimeError("FP8 recompute: no scale recorded for this tensor by the forward "
+                                   "(the recomputation runs more FP8 linears than the forward did)")
+            return self.replay.popleft()
         amax = x.detach().abs().amax().float()
         if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
@@ -66,6 +76,8 @@ class ScalingState:
             self.history, self.scale = self.history.to(amax.device), self.scale.to(amax.device)
         self.history = torch.cat([amax.reshape(1), self.history[:-1]])
         self.scale = compute_scale(self.history.max(), self.scale, FP8_MAX[self.dtype], self.margin)
+        if _RECOMPUTE_MODE[-1] == "record":
+            self.replay.append(self.scale)  # never modified in place: update() makes a new tensor
         return self.scale
 
 
@@ -95,6 +107,29 @@ def fp8_mm(a: torch.Tensor, a_scale: torch.Tensor, b_t: torch.Tensor, b_scale: t
 
 
 _SUSPENDED = [0]  # depth of fp8_suspended() blocks (a list: mutable module state, no global statement)
+
+
+_RECOMPUTE_MODE: list = [None]  # stack: None | "record" (checkpointed forward) | "replay" (its recompute)
+
+
+@contextlib.contextmanager
+def _recompute_mode(mode: str):
+    _RECOMPUTE_MODE.append(mode)
+    try:
+        yield
+    finally:
+        _RECOMPUTE_MODE.pop()
+
+
+def recompute_contexts():
+    """`context_fn` of torch.utils.checkpoint for layers with FP8 linears (Transformer Engine's
+    checkpoint does the same with its FP8 metadata): the checkpointed forward records amaxes as usual
+    and queues each scale it used; the recomputation in the backward reuses those scales, records no
+    amax and runs no amax all-reduce. Without it every recomputed step would enter each amax history
+    twice and could quantise the recomputed activations with another scale than the forward's.
+    FIFO per scaling state, which is the order in which pipeline schedules run the backwards of
+    their micro-batches."""
+    return _recompute_mode("record"), _recompute_mode("replay")
 
 
 @contextlib.contextmanager

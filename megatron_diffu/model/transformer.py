@@ -41,6 +41,7 @@ from ..parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabPar
 from ..parallel.state import ProcessGrid, group_rank, group_size
 from .attention import AttentionMask, attention, build_attention_mask  # noqa: F401 (re-exported)
 from .config import TransformerConfig
+from .fp8 import recompute_contexts
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -329,11 +330,12 @@ class DiffusionTransformer(nn.Module):
     def _recompute(self, layer, *args):
         """Full recompute of one layer: Transformer Engine layers go through TE's checkpoint, which
         replays the forward inside the FP8 context and its scaling state (torch's would recompute
-        outside fp8_autocast); the local layers through torch.utils.checkpoint."""
+        outside fp8_autocast); the local layers through torch.utils.checkpoint, whose recomputation
+        reuses the forward's native FP8 scales (`fp8.recompute_contexts`)."""
         if self.cfg.transformer_impl == "transformer_engine":
             from .te_backend import te_checkpoint
             return te_checkpoint(layer, *args)
-        return checkpoint(layer, *args, use_reentrant=False)
+        return checkpoint(layer, *args, use_reentrant=False, context_fn=recompute_contexts)
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, logit_positions: Optional[torch.Tensor] = None,

@@ -7,12 +7,13 @@ DP and broadcast from the last pipeline stage), e.g.
      grad norm: 1.234 | tokens/s: 1.2E+04 | MFU: 31.2% | step time (ms): 85.3 | peak mem (GB): 1.23 | ETA: 0:00:01
 
 Loss, grad norm and step time are averages over the iterations since the last line (Megatron's
-convention); tokens/s, MFU and TFLOP/s are the interval's work over its time (step-time weighted); skipped (non-finite) iterations are counted, not averaged. Every
+convention); the ETA uses the mean step time of the last max(log_interval, 32) iterations; tokens/s, MFU and TFLOP/s are the interval's work over its time (step-time weighted); skipped (non-finite) iterations are counted, not averaged. Every
 iteration's metrics also go to TensorBoard (`--tensorboard-dir`) and, with `--log-file`, to
 `<log_file>.jsonl` (what tests and `tools/plot_loss.py` read).
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -23,6 +24,8 @@ from typing import Optional
 import torch
 
 from megatron_diffu.training.peak import measure_peak_flops  # noqa: F401  (moved; old import path)
+
+ETA_STEPS = 32  # the ETA's step time is the mean over at least this many recent iterations
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -46,6 +49,11 @@ class MetricsLogger:
         self.consumed_samples = 0
         self.window: list[dict] = []
         self.skipped = 0
+        # step times of the last max(log_interval, ETA_STEPS) iterations, skipped ones included: the
+        # ETA averages over them, not over one log window, because some stages alternate slow and fast
+        # steps (GRPO rolls out once per num_iterations steps: with log_interval 1 a one-step window
+        # swings the ETA between 4 minutes and 50)
+        self.recent_step_times: collections.deque = collections.deque(maxlen=max(log_interval, ETA_STEPS))
         self.writer = None
         self.jsonl = None
         if enabled and tensorboard_dir:
@@ -61,6 +69,7 @@ class MetricsLogger:
     def record(self, iteration: int, metrics: dict) -> None:
         if not self.enabled:
             return
+        self.recent_step_times.append(float(metrics.get("step_time", 0.0)))
         if metrics.get("skipped"):
             self.skipped += 1
         else:
@@ -119,7 +128,8 @@ class MetricsLogger:
         if self.skipped:
             line += f" | skipped iterations: {self.skipped}"
         if iteration < self.train_iters:  # training steps only: evaluation and checkpoint time come on top
-            line += f" | ETA: {_hms((self.train_iters - iteration) * avg('step_time'))}"
+            recent = sum(self.recent_step_times) / max(1, len(self.recent_step_times))
+            line += f" | ETA: {_hms((self.train_iters - iteration) * recent)}"
         self._print(line)
         self.window, self.skipped = [], 0
 

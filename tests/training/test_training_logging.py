@@ -25,10 +25,27 @@ def test_log_line_averages_the_window_and_estimates_the_time_left(tmp_path, caps
     assert first.startswith(" iteration        4/     100 | consumed samples:           32 | lr: 3.000000E-04")
     assert "loss: 2.500000E+00" in first and "step time (ms): 750.0" in first and "peak mem (GB): 1.25" in first
     assert first.endswith("| ETA: 0:01:12")  # 96 iterations x 0.75 s
-    assert "skipped iterations: 1" in second and second.endswith("| ETA: 0:03:04")  # 92 x 2.0 s
+    # the ETA's step time is the mean of every recent step, the skipped one included: 9.1 s / 8
+    assert "skipped iterations: 1" in second and second.endswith("| ETA: 0:01:45")  # 92 x 1.1375 s
     rows = [json.loads(line) for line in (tmp_path / "train.log.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == list(range(1, 9))
     assert (tmp_path / "train.log").read_text().splitlines() == [first, second]
+
+
+def test_eta_is_steady_when_slow_and_fast_steps_alternate(capsys):
+    """GRPO rolls out every num_iterations-th step: with log_interval 1 a one-step average would swing
+    the ETA between remaining x 1.6 s and remaining x 17.4 s."""
+    log = MetricsLogger(train_iters=100, log_interval=1)
+    times = [17.4 if i % 2 else 1.6 for i in range(1, 12)]
+    for i, t in enumerate(times, start=1):
+        log.record(i, _metrics(i, t, 1.0))
+    lines = capsys.readouterr().out.splitlines()
+
+    def eta(i: int) -> str:
+        s = round((100 - i) * sum(times[:i]) / i)  # remaining x mean step time so far (< 32 steps)
+        return f"| ETA: {s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+    assert lines[9].endswith(eta(10)) and eta(10) == "| ETA: 0:14:15"  # 90 x 9.5 s
+    assert lines[10].endswith(eta(11))
 
 
 def test_last_line_has_no_eta(capsys):
