@@ -36,3 +36,14 @@ def test_rl_prompts_must_equal_the_sft_and_evaluation_prompts(tmp_path):
     _write_rl(run, recs, probs, "You are a helpful assistant.")
     with pytest.raises(RuntimeError, match=r"rl\.jsonl:1: prompt_ids of .* differ from the SFT/evaluation prompt"):
         run._check_rl_prompts(probs)
+
+
+def test_eta_scale_comes_from_the_stages_big_enough_to_time_the_machine():
+    """measured / planned seconds over finished stages of >= 5% of the plan; the 10-second data stage
+    (planned 2% of 2700 s = 54 s) must not make the ETA 5x too short."""
+    budget = mini.BUDGET_S["full"]
+    assert mini.plan_scale({}, budget) == 1.0
+    assert mini.plan_scale({"data": 10.0}, budget) == 1.0
+    stage_s = {"data": 10.0, "pretrain": 200.0, "sft": 855.0}
+    want = (200.0 + 855.0) / ((mini.PLAN["pretrain"] + mini.PLAN["sft"]) * budget)
+    assert mini.plan_scale(stage_s, budget) == pytest.approx(want)
