@@ -57,7 +57,6 @@ class ScalingState:
         self.dtype, self.margin = dtype, margin
         self.history = torch.zeros(max(1, history_len), dtype=torch.float32, device=device)
         self.scale = torch.ones((), dtype=torch.float32, device=device)
-
         self.replay: collections.deque = collections.deque()  # scales of recorded forwards (FIFO)
 
     def update(self, x: torch.Tensor, group=None) -> torch.Tensor:
