@@ -9,31 +9,62 @@ def _log(msg: str) -> None:
     log(msg)
 
 
-def evaluate_arm(self, arm: str) -> dict:
+def _scored(self, arm: str, pol, name: str, cfg, n: int, probs: dict, split_of: dict) -> dict:
+    """Sample `n` answers per problem, score them in the sandbox, keep them under eval/, summarise."""
+    from megatron_diffu.repro import evaluate as ev
+    from megatron_diffu.repro.files import write_jsonl
+
+    samples = ev.generate(pol, probs, cfg, n, self.s.batch_size, key=f"{arm}/{name}")
+    scored = ev.score(samples, probs)
+    write_jsonl(self.path("eval", f"{arm}_{name}.jsonl"),
+                [{k: v for k, v in r.items() if not k.startswith("_") and k != "reveal_step"} for r in scored])
+    if n == 1:
+        out = {**ev.pass1_summary(scored, split_of), **ev.throughput(samples)}
+    else:
+        out = {**ev.passk_summary(scored, (1, 10)), **ev.throughput(samples)}
+    _log(f"{arm} {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in out.items() if isinstance(v, float)))
+    return out
+
+
+def _heldout(self) -> tuple[dict, dict]:
     from megatron_diffu.repro import evaluate as ev
 
     held = self.heldout()
-    probs = ev.load_problem_records(held)
-    split_of = {r["task_id"]: r["split"] for r in held}
+    return ev.load_problem_records(held), {r["task_id"]: r["split"] for r in held}
+
+
+def evaluate_arm(self, arm: str) -> dict:
+    probs, split_of = _heldout(self)
     pol = self.policy(arm)
-    out = {}
+    pass10 = dict(list(probs.items())[::max(1, len(probs) // self.s.n_pass10)][:self.s.n_pass10])
     runs = [("greedy", self.sampling(), 1, probs),
             ("t0.2", self.sampling(temperature=0.2, top_p=0.95), 1, probs),
-            ("t1.0", self.sampling(temperature=1.0, top_p=0.95), 10,
-             dict(list(probs.items())[::max(1, len(probs) // self.s.n_pass10)][:self.s.n_pass10]))]
-    for name, cfg, n, pp in runs:
-        samples = ev.generate(pol, pp, cfg, n, self.s.batch_size, key=f"{arm}/{name}")
-        scored = ev.score(samples, pp)
-        from megatron_diffu.repro.files import write_jsonl
+            ("t1.0", self.sampling(temperature=1.0, top_p=0.95), 10, pass10)]
+    return {name: _scored(self, arm, pol, name, cfg, n, pp, split_of) for name, cfg, n, pp in runs}
 
-        write_jsonl(self.path("eval", f"{arm}_{name}.jsonl"),
-                    [{k: v for k, v in r.items() if not k.startswith("_") and k != "reveal_step"} for r in scored])
-        if n == 1:
-            out[name] = {**ev.pass1_summary(scored, split_of), **ev.throughput(samples)}
-        else:
-            out[name] = {**ev.passk_summary(scored, (1, 10)), **ev.throughput(samples)}
-        _log(f"{arm} {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in out[name].items() if isinstance(v, float)))
-    return out
+
+def greedy_heldout(self, arm: str) -> dict:
+    """Greedy pass@1 of one checkpoint on the held-out problems (the first row of evaluate_arm)."""
+    probs, split_of = _heldout(self)
+    return _scored(self, arm, self.policy(arm), "greedy", self.sampling(), 1, probs, split_of)
+
+
+LOSS_TAIL_STEPS = 500
+
+
+def loss_tail(log_jsonl: str) -> dict:
+    """Mean logged training loss over the last LOSS_TAIL_STEPS iterations (at most half the run): where
+    an SFT run ended up (the runs that learn to copy constants end near 0.005-0.01, the others 0.02-0.04)."""
+    import json
+
+    with open(log_jsonl) as f:
+        rows = [r for r in map(json.loads, f) if "loss" in r and "iteration" in r]
+    if not rows:
+        return {"loss": None, "from_iteration": None}
+    last = rows[-1]["iteration"]
+    start = last - min(LOSS_TAIL_STEPS, last // 2)
+    tail = [r["loss"] for r in rows if r["iteration"] > start]
+    return {"loss": sum(tail) / len(tail), "from_iteration": start + 1, "to_iteration": last}
 
 
 def arness_stage(self) -> dict:

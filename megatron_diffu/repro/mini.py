@@ -34,6 +34,7 @@ from typing import Callable, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = os.path.join(REPO, "examples", "mini_repro")
+SFT_CONFIG = os.path.join(CONFIGS, "sft.yaml")
 ARMS = ("sft", "coupled_grpo", "d1_grpo", "sft_continued")
 
 
@@ -70,6 +71,10 @@ class Settings:
     bf16: str = "auto"              # training in bf16: on | off | auto (on where the CPU has bf16 dot products)
     train_flags: str = ""           # extra flags for every training stage (e.g. a smaller model for smoke tests)
     grpo_flags: str = ""            # extra flags for the GRPO stages
+    sft_seeds: str = ""             # comma-separated extra SFT seeds (stages sft_seed<N>): SFT again from the
+    # pretraining checkpoint with `--seed N` (another data order and other masks), scored greedily on the
+    # held-out problems; the spread of one recipe (one SFT run is one draw). Off by default: each seed
+    # costs an SFT stage (~15 minutes of the full run here)
 
 
 SETTINGS = {
@@ -92,12 +97,21 @@ BUDGET_S = {"full": 2700, "quick": 720, "tiny": 60}
 PLAN_SCALE_MIN_SHARE = 0.05  # stages this big set the ETA's speed; the data stage (0.02) is too short
 
 
+def planned_share(stage: str) -> float:
+    """A stage's planned share of the wall time; a seed stage is an SFT stage plus a greedy evaluation."""
+    from megatron_diffu.repro.seeds import SEED_STAGE_PREFIX
+
+    if stage.startswith(SEED_STAGE_PREFIX):
+        return PLAN["sft"] + PLAN["eval_sft"] / 3
+    return PLAN.get(stage, 0.0)
+
+
 def plan_scale(stage_s: dict, budget_s: float) -> float:
     """How much slower (> 1) or faster than planned this machine runs: measured / planned seconds over
     the finished stages of at least PLAN_SCALE_MIN_SHARE of the plan (1 before any has run). The data
     stage alone would read 0.2 here (10 s of a planned 54) and give a 34-minute run an 11-minute ETA."""
-    done = {n: t for n, t in stage_s.items() if PLAN.get(n, 0.0) >= PLAN_SCALE_MIN_SHARE}
-    planned = sum(PLAN[n] for n in done) * budget_s
+    done = {n: t for n, t in stage_s.items() if planned_share(n) >= PLAN_SCALE_MIN_SHARE}
+    planned = sum(planned_share(n) for n in done) * budget_s
     return sum(done.values()) / planned if planned > 0 else 1.0
 
 
@@ -111,6 +125,7 @@ class Run:
         self.data = os.path.join(self.out, "data")
         os.makedirs(os.path.join(self.out, "stages"), exist_ok=True)
         os.makedirs(self.data, exist_ok=True)
+        self.sft_config = SFT_CONFIG  # the SFT stage's recipe (seeds.base_sft_seed reads it)
         self.env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
                         PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self._tok = None
@@ -132,10 +147,13 @@ class Run:
 
         atomic_write_json(self.path("stages", f"{name}.json"), obj)
 
-    def sh(self, args: list[str], log_name: str) -> None:
+    def sh(self, args: list[str], log_name: str, last: tuple = ()) -> None:
+        """Run a tool or training stage (training stages get bf16 and train_flags; `last` comes after
+        them, so that it wins over a flag of train_flags: a seed stage's --seed)."""
         if "-m" in args and any(a.startswith("megatron_diffu.") for a in args):
             args = args + (["--bf16"] if self.s.bf16 == "on" else []) + self.s.train_flags.split() \
                 + (self.s.grpo_flags.split() if "megatron_diffu.grpo" in args else [])
+        args = args + list(last)
         logf = self.path("logs", log_name + ".log")
         os.makedirs(os.path.dirname(logf), exist_ok=True)
         log(f"$ {' '.join(args)}  (log: {logf})")
@@ -229,16 +247,27 @@ class Run:
             return ["--save", save, "--load", save, "--no-finetune"]
         return ["--save", save, "--load", parent, "--finetune"]
 
-    def _sft(self, arm: str, parent: str, iters: int, extra: tuple = ()) -> dict:
+    def _sft(self, arm: str, parent: str, iters: int, extra: tuple = (), last: tuple = ()) -> dict:
         ck = self.ckpt(arm)
-        self.sh([self.python, "-m", "megatron_diffu.sft", "--config", os.path.join(CONFIGS, "sft.yaml"),
+        self.sh([self.python, "-m", "megatron_diffu.sft", "--config", self.sft_config,
                  "--data-path", self.path("data", "sft"), *self.tok_flags(), "--train-iters", str(iters),
                  *self._finetune_flags(ck, parent), "--save-interval", str(max(1, min(200, iters))),
-                 "--log-file", self.path("logs", f"{arm}_train.log"), *extra], arm)
+                 "--log-file", self.path("logs", f"{arm}_train.log"), *extra], arm, last)
         return {"iters": iters, "checkpoint": ck, "log": self.path("logs", f"{arm}_train.log.jsonl")}
 
     def stage_sft(self) -> dict:
         return self._sft("sft", self.ckpt("pretrain"), self.s.sft_iters)
+
+    @property
+    def sft_seeds(self) -> list[int]:
+        from megatron_diffu.repro.seeds import parse_seeds
+
+        return parse_seeds(self.s.sft_seeds)
+
+    def stage_sft_seed(self, seed: int) -> dict:
+        from megatron_diffu.repro.seeds import seed_stage
+
+        return seed_stage(self, seed)
 
     def sampling(self, **kw):
         from megatron_diffu.diffusion.sampling import SamplingConfig
@@ -328,7 +357,7 @@ class Run:
         # perturbation, not "no RL" (it cost 0.07 pass@1 in the first full run)
         from megatron_diffu.stages.diffusion.config import SFTRunConfig
 
-        end_lr = SFTRunConfig.from_args(["--config", os.path.join(CONFIGS, "sft.yaml")]).optimizer.min_lr
+        end_lr = SFTRunConfig.from_args(["--config", self.sft_config]).optimizer.min_lr
         flags = ("--lr", str(end_lr), "--min-lr", str(end_lr), "--lr-warmup-iters", "0", "--lr-decay-style", "constant")
         return self._sft("sft_continued", self.ckpt("sft"), self.s.rl_iters, flags)
 
@@ -355,9 +384,10 @@ class Run:
     # ------------------------------------------------------------------ driver
     def stages(self) -> list[tuple[str, Callable[[], dict]]]:
         st = [("data", self.stage_data), ("pretrain", self.stage_pretrain), ("sft", self.stage_sft),
-              ("eval_sft", lambda: self._evaluate("sft")),  # where SFT stands, before any RL
-              ("select_rl", self.stage_select_rl), ("coupled_grpo", self.stage_coupled_grpo),
-              ("d1_grpo", self.stage_d1_grpo), ("sft_continued", self.stage_sft_continued)]
+              ("eval_sft", lambda: self._evaluate("sft"))]  # where SFT stands, before any RL
+        st += [(f"sft_seed{n}", (lambda n=n: self.stage_sft_seed(n))) for n in self.sft_seeds]  # seeds.seed_stage
+        st += [("select_rl", self.stage_select_rl), ("coupled_grpo", self.stage_coupled_grpo),
+               ("d1_grpo", self.stage_d1_grpo), ("sft_continued", self.stage_sft_continued)]
         st += [(f"eval_{a}", (lambda a=a: self._evaluate(a))) for a in ARMS if a != "sft"]
         st += [("arness", self.stage_arness), ("samplers", self.stage_samplers), ("report", self.stage_report)]
         return st
@@ -374,10 +404,10 @@ class Run:
                 log(f"stage {i}/{len(stages)} {name}: done already (skipped)")
                 continue
             scale = plan_scale(meta["stage_s"], budget)
-            left_plan = sum(PLAN.get(n, 0.0) for n, _ in stages[i - 1:]) * budget
+            left_plan = sum(planned_share(n) for n, _ in stages[i - 1:]) * budget
             from megatron_diffu.common.progress import format_eta
 
-            log(f"stage {i}/{len(stages)} {name} (planned {format_eta(PLAN.get(name, 0) * budget * scale)}; "
+            log(f"stage {i}/{len(stages)} {name} (planned {format_eta(planned_share(name) * budget * scale)}; "
                 f"ETA of the run {format_eta(left_plan * scale)})")
             t0 = time.time()
             res = fn()

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from megatron_diffu.common.atomic import atomic_path, atomic_write_json, atomic_write_text
+from megatron_diffu.repro.seeds import draw_seed_losses, seed_markdown, seed_rows, spread
 
 ARMS = ("sft", "coupled_grpo", "d1_grpo", "sft_continued")
 
@@ -84,13 +85,18 @@ def write_report(run: Any) -> dict:
             settings = json.load(f)
     data = run.result("data") or {}
     sel = run.result("select_rl") or {}
+    seeds = seed_rows(run)
     report = {"stages": stages, "comparisons": comparisons,
               "arness": {k: {kk: vv for kk, vv in v.items() if kk != "mean_reveal_step"} for k, v in arness.items()},
               "samplers": samplers, "reward_curves": curves, "data": data, "rl_selection": sel,
               "stage_wall_s": meta.get("stage_s", {}), "wall_s": sum(meta.get("stage_s", {}).values()),
               "settings": settings}
+    if seeds:
+        report["sft_seeds"] = {"rows": seeds, "summary": spread(seeds)}
     atomic_write_json(run.path("report.json"), report)
     _pngs(run, curves, arness)
+    if seeds:
+        _plot(run.path("sft_loss_by_seed.png"), lambda ax: draw_seed_losses(ax, run, seeds))
     atomic_write_text(run.path("report.md"), _markdown(report, arness, samplers, sc))
     return {"report": run.path("report.json")}
 
@@ -140,6 +146,7 @@ def _markdown(report: dict, arness: dict, samplers: dict, sc: list) -> str:
     md += ["", "Paired differences of greedy pass@1 (bootstrap over problems):", ""]
     md += [f"- {k}: {v['diff']:+.3f}, 95% CI {ci(v['ci95'])}, n={v['n']}"
            + (" (excludes 0)" if v["excludes_zero"] else " (includes 0)") for k, v in comparisons.items()]
+    md += seed_markdown(report.get("sft_seeds"), f, ci)
     md += ["", "## AR-ness of the decoding order (one token per step)", "",
            "| model @ temperature | local@1 | global@1 | local@2 | global@2 | pass@1 | n |", "|---|---|---|---|---|---|---|"]
     md += [f"| {k} | {f(v['local@1'])} | {f(v['global@1'])} | {f(v['local@2'])} | {f(v['global@2'])} | "
@@ -149,6 +156,9 @@ def _markdown(report: dict, arness: dict, samplers: dict, sc: list) -> str:
     md += [f"| {k} | {f(v['pass@1'])} | {ci(v['ci95'])} | {v['tokens_per_s']:.0f} | {v['n']} |" for k, v in samplers.items()]
     md += ["", "## Stage wall times (s)", "", " ".join(f"{k} {v:.0f};" for k, v in report["stage_wall_s"].items()), "",
            "![rewards](reward_curves.png) ![order](decoding_order.png)", ""]
+    if report.get("sft_seeds"):
+        md.insert(-1, "![SFT loss by seed](sft_loss_by_seed.png)")
     if sc:
         md.insert(-2, f"sft_continued: SFT loss {sc[0]['loss']:.3f} -> {sc[-1]['loss']:.3f} over {len(sc)} logged steps.")
     return "\n".join(md) + "\n"
+
