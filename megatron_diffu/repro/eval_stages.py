@@ -49,24 +49,6 @@ def greedy_heldout(self, arm: str) -> dict:
     return _scored(self, arm, self.policy(arm), "greedy", self.sampling(), 1, probs, split_of)
 
 
-LOSS_TAIL_STEPS = 500
-
-
-def loss_tail(log_jsonl: str) -> dict:
-    """Mean logged training loss over the last LOSS_TAIL_STEPS iterations (at most half the run): where
-    an SFT run ended up (the runs that learn to copy constants end near 0.005-0.01, the others 0.02-0.04)."""
-    import json
-
-    with open(log_jsonl) as f:
-        rows = [r for r in map(json.loads, f) if "loss" in r and "iteration" in r]
-    if not rows:
-        return {"loss": None, "from_iteration": None}
-    last = rows[-1]["iteration"]
-    start = last - min(LOSS_TAIL_STEPS, last // 2)
-    tail = [r["loss"] for r in rows if r["iteration"] > start]
-    return {"loss": sum(tail) / len(tail), "from_iteration": start + 1, "to_iteration": last}
-
-
 def arness_stage(self) -> dict:
     from megatron_diffu.repro import evaluate as ev
 

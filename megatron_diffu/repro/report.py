@@ -161,4 +161,3 @@ def _markdown(report: dict, arness: dict, samplers: dict, sc: list) -> str:
     if sc:
         md.insert(-2, f"sft_continued: SFT loss {sc[0]['loss']:.3f} -> {sc[-1]['loss']:.3f} over {len(sc)} logged steps.")
     return "\n".join(md) + "\n"
-

@@ -10,6 +10,7 @@ import statistics
 from typing import Any
 
 SEED_STAGE_PREFIX = "sft_seed"
+LOSS_TAIL_STEPS = 500
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -29,11 +30,31 @@ def base_sft_seed(run: Any) -> int:
 
 def seed_stage(run: Any, seed: int) -> dict:
     """SFT from the pretraining checkpoint with `--seed seed` (after train_flags, so it wins), scored greedily."""
-    from megatron_diffu.repro.eval_stages import greedy_heldout, loss_tail
+    from megatron_diffu.repro.eval_stages import greedy_heldout
 
     arm = f"{SEED_STAGE_PREFIX}{seed}"
     res = run._sft(arm, run.ckpt("pretrain"), run.s.sft_iters, last=("--seed", str(seed)))
     return {**res, "arm": arm, "seed": seed, "greedy": greedy_heldout(run, arm), "loss_tail": loss_tail(res["log"])}
+
+
+def _losses(path: str) -> list[tuple[int, float]]:
+    """(iteration, loss) of a training log's jsonl (one row per step); [] if there is none yet."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [(r["iteration"], r["loss"]) for r in map(json.loads, f) if "loss" in r and "iteration" in r]
+
+
+def loss_tail(log_jsonl: str) -> dict:
+    """Mean training loss over the last LOSS_TAIL_STEPS iterations (at most half the run): where an SFT
+    run ended up (the runs that learn to copy constants end near 0.005-0.01, the others 0.02-0.04)."""
+    pts = _losses(log_jsonl)
+    if not pts:
+        return {"loss": None, "from_iteration": None}
+    last = pts[-1][0]
+    start = last - min(LOSS_TAIL_STEPS, last // 2)
+    tail = [y for x, y in pts if x > start]
+    return {"loss": sum(tail) / len(tail), "from_iteration": start + 1, "to_iteration": last}
 
 
 def _row(seed: int, arm: str, greedy: dict, tail: dict) -> dict:
@@ -46,8 +67,6 @@ def _row(seed: int, arm: str, greedy: dict, tail: dict) -> dict:
 
 def seed_rows(run: Any) -> list[dict]:
     """The `sft` stage and every `sft_seed<N>` stage: one row per SFT seed (empty without sft_seeds)."""
-    from megatron_diffu.repro.eval_stages import loss_tail
-
     if not run.sft_seeds:
         return []
     rows = []
@@ -70,13 +89,6 @@ def spread(rows: list[dict]) -> dict:
             out[key] = {"mean": statistics.fmean(v), "sd": statistics.stdev(v) if len(v) > 1 else 0.0,
                         "min": min(v), "median": statistics.median(v), "max": max(v)}
     return out
-
-
-def _losses(path: str) -> list[tuple[int, float]]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [(r["iteration"], r["loss"]) for r in map(json.loads, f) if "loss" in r and "iteration" in r]
 
 
 def draw_seed_losses(ax, run: Any, rows: list[dict], window: int = 50) -> None:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from megatron_diffu.repro import eval_stages, mini, seeds
+from megatron_diffu.repro import mini, seeds
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -24,11 +24,11 @@ def test_loss_tail_is_the_mean_of_the_last_500_steps_or_the_last_half(tmp_path):
     p = str(tmp_path / "a.jsonl")
     losses = [1.0 / i for i in range(1, 1201)]
     _write_log(p, losses)
-    got = eval_stages.loss_tail(p)
+    got = seeds.loss_tail(p)
     assert got["from_iteration"] == 701 and got["to_iteration"] == 1200
     assert got["loss"] == pytest.approx(sum(losses[700:]) / 500, rel=1e-12)
     _write_log(p, [4.0, 3.0, 2.0, 1.0, 0.5, 0.25])  # a short run: its last half
-    assert eval_stages.loss_tail(p) == {"loss": pytest.approx((1.0 + 0.5 + 0.25) / 3), "from_iteration": 4,
+    assert seeds.loss_tail(p) == {"loss": pytest.approx((1.0 + 0.5 + 0.25) / 3), "from_iteration": 4,
                                         "to_iteration": 6}
 
 
