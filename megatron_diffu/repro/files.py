@@ -6,7 +6,8 @@
   tests, and real code (stdlib files, whole), for `tools/preprocess_data.py`;
 - `sft.jsonl`               {"prompt", "response"} pairs of training problems, for `tools/preprocess_sft.py`;
 - `tokenizer_corpus.txt`    the text a SentencePiece model is trained on (`data.tokenizer.train_sentencepiece`).
-Only the train split ever enters pretraining, SFT or RL data.
+Only the train split enters pretraining and SFT data; RL problems come from the `rl_constants`
+split (mini.Settings.rl_split), and no held-out problem enters any training data.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ the training stages resume from their own checkpoints):
   pretrain      python -m megatron_diffu.pretrain --config examples/mini_repro/pretrain.yaml
   sft           python -m megatron_diffu.sft --config examples/mini_repro/sft.yaml (from pretrain)
   eval_sft      where SFT stands, before any RL (same evaluation as the eval_<arm> stages below)
-  select_rl     SFT samples on an RL pool of training-split problems; problems with an intermediate
+  select_rl     SFT samples on an RL pool of problems SFT never saw (tasks split `rl_constants`: trained
+                templates, constants of neither SFT nor the evaluation); problems with an intermediate
                 pass rate kept (hard-sample selection); tools/preprocess_rl.py
   coupled_grpo  python -m megatron_diffu.grpo --config examples/mini_repro/grpo.yaml --estimator coupled
   d1_grpo       the same with --estimator d1 (same rollout budget)
@@ -49,14 +50,17 @@ MINI_CONTEXTS = "op_scalar,op_map,pred_scalar,pred_filter,sop_scalar,sop_map"
 class Settings:
     """Sizes and budgets of one run (`SETTINGS[mode]`); seconds are planned values for the ETA."""
     n_train: int = 6000             # training-split problems (pretraining corpus + SFT pairs)
-    n_rl_pool: int = 160            # training-split problems the RL set is selected from
+    n_rl_pool: int = 160            # problems of `rl_split` the RL set is selected from
+    rl_split: str = "rl_constants"  # the RL pool's split: rl_constants (constants reserved from SFT, as
+    # DiffuCoder's RL data is not its SFT data) | train (SFT keeps every non-held-out constant and RL
+    # samples its problems: the runs before; a 3500-step SFT solved all 160 such problems)
     n_heldout_constants: int = 120
     n_heldout_templates: int = 80
     stdlib_bytes: int = 1_500_000
     vocab_size: int = 1000
     pretrain_iters: int = 600
-    sft_iters: int = 3500
-    rl_iters: int = 60              # GRPO steps per arm (= SFT-continued steps)
+    sft_iters: int = 3000           # where SFT starts to copy constants: RL headroom (1500: 0.02, no copying)
+    rl_iters: int = 120             # GRPO steps per arm (= SFT-continued steps)
     rl_select_samples: int = 4
     rl_min_problems: int = 16
     n_pass10: int = 50              # held-out problems given 10 samples at T=1.0
@@ -74,14 +78,16 @@ class Settings:
     sft_seeds: str = ""             # comma-separated extra SFT seeds (stages sft_seed<N>): SFT again from the
     # pretraining checkpoint with `--seed N` (another data order and other masks), scored greedily on the
     # held-out problems; the spread of one recipe (one SFT run is one draw). Off by default: each seed
-    # costs an SFT stage (~15 minutes of the full run here)
+    # costs an SFT stage (~9 minutes of the full run here)
 
 
 SETTINGS = {
     "full": Settings(),
     "quick": Settings(n_train=6000, n_rl_pool=64, n_heldout_constants=30, n_heldout_templates=20,
                       stdlib_bytes=400_000, pretrain_iters=100, sft_iters=1200, rl_iters=16, n_pass10=10,
-                      n_arness=16, n_samplers=30, rl_min_problems=8),
+                      n_arness=16, n_samplers=30, rl_min_problems=8, rl_split="train"),
+    # quick keeps every constant in SFT: 1200 steps are too few to learn copying with a quarter fewer
+    # constants per template (the full recipe's 1500 steps scored 0.02; see docs/MINI_REPRO.md)
     "tiny": Settings(n_train=300, n_rl_pool=16, n_heldout_constants=6, n_heldout_templates=4, stdlib_bytes=20_000,
                      vocab_size=400, pretrain_iters=4, sft_iters=4, rl_iters=2, rl_select_samples=2,
                      rl_min_problems=2, n_pass10=2, n_arness=2, n_samplers=4, max_new_tokens=16, steps=8,
@@ -90,9 +96,9 @@ SETTINGS = {
                      grpo_flags="--num-generations 2 --logp-chunk-size 4"),
 }
 # planned share of the wall time per stage (for the ETA before a stage has run)
-PLAN = {"data": 0.02, "pretrain": 0.08, "sft": 0.4, "select_rl": 0.03, "coupled_grpo": 0.1, "d1_grpo": 0.09,
-        "sft_continued": 0.02, "eval_sft": 0.04, "eval_coupled_grpo": 0.04, "eval_d1_grpo": 0.04,
-        "eval_sft_continued": 0.04, "arness": 0.05, "samplers": 0.05, "report": 0.0}
+PLAN = {"data": 0.02, "pretrain": 0.06, "sft": 0.3, "select_rl": 0.03, "coupled_grpo": 0.14, "d1_grpo": 0.13,
+        "sft_continued": 0.02, "eval_sft": 0.03, "eval_coupled_grpo": 0.03, "eval_d1_grpo": 0.03,
+        "eval_sft_continued": 0.03, "arness": 0.02, "samplers": 0.03, "report": 0.0}
 BUDGET_S = {"full": 2700, "quick": 720, "tiny": 60}
 PLAN_SCALE_MIN_SHARE = 0.05  # stages this big set the ETA's speed; the data stage (0.02) is too short
 
@@ -203,8 +209,8 @@ class Run:
 
         s = self.s
         ctx = self.contexts
-        train = tasks.generate("train", s.n_train, s.seed, contexts=ctx)
-        pool = tasks.generate("train", s.n_rl_pool, s.seed, prefix="rlpool", contexts=ctx)
+        train = tasks.generate("train", s.n_train, s.seed, contexts=ctx, reserve_rl=s.rl_split == "rl_constants")
+        pool = tasks.generate(s.rl_split, s.n_rl_pool, s.seed, prefix="rlpool", contexts=ctx)
         hc = tasks.generate("heldout_constants", s.n_heldout_constants, s.seed, contexts=ctx)
         ht = tasks.generate("heldout_templates", s.n_heldout_templates, s.seed, contexts=ctx)
         for name, ts in (("train", train), ("rlpool", pool), ("heldout_constants", hc), ("heldout_templates", ht)):
@@ -474,6 +480,8 @@ def main(argv=None) -> int:
         s = replace(s, **{k: type(getattr(s, k))(v)})
     if s.bf16 not in ("on", "off", "auto"):
         raise SystemExit(f"error: --set bf16={s.bf16}: use on, off or auto")
+    if s.rl_split not in ("rl_constants", "train"):
+        raise SystemExit(f"error: --set rl_split={s.rl_split}: use rl_constants or train")
     if s.bf16 == "auto":  # resolved here, so that settings.json records what the run used
         s = replace(s, bf16="on" if cpu_has_bf16() else "off")
     out = a.out or os.path.join(REPO, "runs", "mini_repro" if mode == "full" else f"mini_repro_{mode}")

@@ -133,7 +133,7 @@ def _markdown(report: dict, arness: dict, samplers: dict, sc: list) -> str:
           f"Tasks: {data.get('templates_train')} training templates, {data.get('templates_heldout')} held-out "
           f"templates; {data.get('n_train')} training problems; held-out: {data.get('n_heldout_constants')} new constants "
           f"+ {data.get('n_heldout_templates')} new templates. RL set: {sel.get('selected')} of {sel.get('pool')} pool "
-          f"problems ({sel.get('intermediate')} with an intermediate SFT pass rate, {sel.get('all_zero')} all-zero, "
+          f"problems of split `{settings.get('rl_split', 'train')}` ({sel.get('intermediate')} with an intermediate SFT pass rate, {sel.get('all_zero')} all-zero, "
           f"{sel.get('all_one')} all-one).", "",
           "## Held-out pass rates", "",
           "| arm | pass@1 greedy | 95% CI | new constants | new templates | pass@1 T=0.2 | 95% CI | pass@10 T=1.0 (n) |",

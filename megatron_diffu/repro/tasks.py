@@ -11,6 +11,9 @@ Splits (each problem records its `split`):
 - `train`: the TRAIN templates with the other constant values;
 - `heldout_constants`: the same templates with a held-out value of their primary constant (a seeded
   quarter of its domain, `heldout_values`): the (template, that constant) pair never occurs in training;
+- `rl_constants`: the same templates with a primary constant of another seeded quarter (`rl_values`,
+  disjoint from the held-out one): problems for RL that SFT never saw and the evaluation never asks,
+  as DiffuCoder's RL set (Acecoder) is neither its SFT data nor EvalPlus;
 - `heldout_templates`: templates that never occur in training (`HELDOUT_TEMPLATES`: unseen
   context x operator compositions, plus the whole `filter_sum` context), any constants.
 Templates without constants (e.g. `op_map:square`) are train-only (they cannot have new constants).
@@ -29,7 +32,7 @@ from megatron_diffu.execution.protocol import WHOLE_FUNCTION_INSTRUCTION, instru
 
 NUM_TESTS = 4
 HELDOUT_BUCKETS = 4  # a quarter of each template's primary-constant values is held out
-SPLITS = ("train", "heldout_constants", "heldout_templates")
+SPLITS = ("train", "heldout_constants", "heldout_templates", "rl_constants")
 LETTERS = "abcdefgh"
 
 
@@ -230,21 +233,46 @@ def _primary_domain(template: str, key: str) -> list:
     return list(LETTERS)
 
 
+def _ranked_domain(template: str, key: str) -> tuple[list, int]:
+    """A template's primary-constant domain in its seeded order, and the size of one reserved quarter."""
+    dom = _primary_domain(template, key)
+    return sorted(dom, key=lambda v: stable_hash("heldout", template, v)), max(1, len(dom) // HELDOUT_BUCKETS)
+
+
 def heldout_values(template: str, key: str) -> set:
     """The values of a template's primary constant reserved for the held-out split: a seeded quarter
     of its domain (at least one value; training keeps the others)."""
-    dom = _primary_domain(template, key)
-    ranked = sorted(dom, key=lambda v: stable_hash("heldout", template, v))
-    return set(ranked[:max(1, len(dom) // HELDOUT_BUCKETS)])
+    ranked, q = _ranked_domain(template, key)
+    return set(ranked[:q])
+
+
+def rl_values(template: str, key: str) -> set:
+    """The values reserved for the RL split: the next seeded quarter (at least one value, never a
+    held-out one; every primary domain has >= 3 values, so training keeps at least one)."""
+    ranked, q = _ranked_domain(template, key)
+    return set(ranked[q:2 * q])
+
+
+def _primary_in(template: str, constants: tuple, values: Callable[[str, str], set]) -> bool:
+    if not has_constants(template) or not constants:
+        return False
+    key, value = constants[0]
+    return value in values(template, key)
 
 
 def is_heldout_constants(template: str, constants: tuple) -> bool:
     """Held out iff the template has constants and its primary (first) constant is a held-out value:
     the (template, primary constant) pairs of held-out problems never occur in training."""
-    if not has_constants(template) or not constants:
-        return False
-    key, value = constants[0]
-    return value in heldout_values(template, key)
+    return _primary_in(template, constants, heldout_values)
+
+
+def is_rl_constants(template: str, constants: tuple) -> bool:
+    """In the RL split iff the primary constant is an RL value (never in training, never held out)."""
+    return _primary_in(template, constants, rl_values)
+
+
+def is_train_constants(template: str, constants: tuple) -> bool:
+    return not is_heldout_constants(template, constants) and not is_rl_constants(template, constants)
 
 
 @dataclass
@@ -361,17 +389,21 @@ def make_task(template: str, rng: random.Random, task_id: str, split: str,
 
 
 def generate(split: str, n: int, seed: int = 0, prefix: str = "mini",
-             contexts: Optional[Sequence[str]] = None) -> list[Task]:
+             contexts: Optional[Sequence[str]] = None, reserve_rl: bool = True) -> list[Task]:
     """`n` problems of `split`, templates round-robin over a seeded shuffle; deterministic.
-    `contexts`: only templates of these contexts (None = the whole family)."""
+    `contexts`: only templates of these contexts (None = the whole family). `reserve_rl=False`: the
+    train split also uses the RL values (the runs before the RL split; no `rl_constants` problem is
+    then unseen in training)."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: choose one of {SPLITS}")
     rng = random.Random(f"{seed}/{split}/{prefix}")
     if split == "train":
-        pool, accept = train_templates(contexts), (lambda t: (lambda c: not is_heldout_constants(t, c)))
-    elif split == "heldout_constants":
+        in_train = is_train_constants if reserve_rl else (lambda t, c: not is_heldout_constants(t, c))
+        pool, accept = train_templates(contexts), (lambda t: (lambda c: in_train(t, c)))
+    elif split in ("heldout_constants", "rl_constants"):
         pool = [t for t in train_templates(contexts) if has_constants(t)]
-        accept = (lambda t: (lambda c: is_heldout_constants(t, c)))
+        member = is_heldout_constants if split == "heldout_constants" else is_rl_constants
+        accept = (lambda t: (lambda c: member(t, c)))
     else:
         pool, accept = heldout_templates(contexts), (lambda t: (lambda c: True))
     if not pool:

@@ -29,7 +29,11 @@ def test_data_stage_builds_disjoint_files(tmp_path):
     corpus = open(data / "pretrain.jsonl").read() + open(data / "sft.jsonl").read()
     train_sol = {r["canonical_solution"] for r in recs["train"]}
     assert not held_text & train_sol
-    assert all(r["split"] == "train" for r in recs["rlpool"])
+    assert all(r["split"] == "rl_constants" for r in recs["rlpool"])  # RL problems SFT never saw
+    rl_text = {r["canonical_solution"] for r in recs["rlpool"]}
+    assert not rl_text & (train_sol | held_text)
+    for r in recs["rlpool"]:  # no RL problem reaches pretraining or SFT
+        assert json.dumps(r["canonical_solution"])[1:-1] not in corpus
     for r in recs["heldout_templates"]:  # no unseen-template solution reaches any training file
         assert json.dumps(r["canonical_solution"])[1:-1] not in corpus
     # a rerun skips the finished stage

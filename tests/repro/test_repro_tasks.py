@@ -37,6 +37,57 @@ def test_splits_are_disjoint_in_parameters_and_templates():
             assert len(contexts) >= need, (t, unit, contexts)
 
 
+def test_rl_split_is_unseen_in_training_and_disjoint_from_the_heldout_constants():
+    """rl_constants: trained templates whose primary constant is of a second seeded quarter of its
+    domain, never a training or held-out value; the domains are small enough to check exhaustively."""
+    train = tasks.generate("train", 3000, seed=0)
+    hc = tasks.generate("heldout_constants", 200, seed=0)
+    rl = tasks.generate("rl_constants", 200, seed=0)
+    primary = lambda ts: {(t.template, t.constants[0]) for t in ts if t.constants}  # noqa: E731
+    assert not primary(rl) & primary(train) and not primary(rl) & primary(hc)
+    assert {t.template for t in rl} <= {t.template for t in train}
+    assert all(t.split == "rl_constants" for t in rl)
+    for template in {t.template for t in rl}:
+        key = next(t.constants[0][0] for t in rl if t.template == template)
+        dom = set(tasks._primary_domain(template, key))
+        held, rlv = tasks.heldout_values(template, key), tasks.rl_values(template, key)
+        quarter = max(1, len(dom) // 4)
+        assert len(held) == len(rlv) == quarter and not held & rlv and len(dom - held - rlv) >= 1
+        assert {v for (tp, (k, v)) in primary(train) if tp == template} <= dom - held - rlv
+
+
+# sha256 of the held-out problems (full mode's sizes and contexts) recorded before the RL split existed:
+# reserving RL values must not change a single evaluation problem
+HELDOUT_SHA = {"heldout_constants": "47e9ca8b013cbaec", "heldout_templates": "dda9448c4f10f60b"}
+
+
+@pytest.mark.parametrize("split,n", [("heldout_constants", 120), ("heldout_templates", 80)])
+def test_heldout_problems_are_those_of_the_runs_before_the_rl_split(split, n):
+    import hashlib
+    import json
+
+    from megatron_diffu.repro.mini import MINI_CONTEXTS
+
+    recs = [t.to_record() for t in tasks.generate(split, n, 0, contexts=MINI_CONTEXTS.split(","))]
+    assert hashlib.sha256(json.dumps(recs, sort_keys=True).encode()).hexdigest()[:16] == HELDOUT_SHA[split]
+
+
+def test_without_the_rl_reservation_the_train_split_is_that_of_the_runs_before():
+    """reserve_rl=False (rl_split=train, --quick) reproduces the training problems of the generator
+    before the RL split, problem for problem (sha256 recorded with that generator)."""
+    import hashlib
+    import json
+
+    from megatron_diffu.repro.mini import MINI_CONTEXTS
+
+    recs = [t.to_record() for t in tasks.generate("train", 1000, 0, contexts=MINI_CONTEXTS.split(","), reserve_rl=False)]
+    assert hashlib.sha256(json.dumps(recs, sort_keys=True).encode()).hexdigest()[:16] == "933aaed4ec329d60"
+    reserved = tasks.generate("train", 1000, 0, contexts=MINI_CONTEXTS.split(","))
+    assert not any(tasks.is_rl_constants(t.template, t.constants) for t in reserved)
+    assert any(tasks.is_rl_constants(t.template, t.constants) for t in tasks.generate(
+        "train", 1000, 0, contexts=MINI_CONTEXTS.split(","), reserve_rl=False))
+
+
 def _programs(task: tasks.Task, code: str):
     from megatron_diffu.execution.problems import build_program
 
