@@ -78,7 +78,7 @@ class Settings:
     sft_seeds: str = ""             # comma-separated extra SFT seeds (stages sft_seed<N>): SFT again from the
     # pretraining checkpoint with `--seed N` (another data order and other masks), scored greedily on the
     # held-out problems; the spread of one recipe (one SFT run is one draw). Off by default: each seed
-    # costs an SFT stage (~9 minutes of the full run here)
+    # costs an SFT stage (~13 minutes of the full run here)
 
 
 SETTINGS = {
@@ -86,7 +86,7 @@ SETTINGS = {
     "quick": Settings(n_train=6000, n_rl_pool=64, n_heldout_constants=30, n_heldout_templates=20,
                       stdlib_bytes=400_000, pretrain_iters=100, sft_iters=1200, rl_iters=16, n_pass10=10,
                       n_arness=16, n_samplers=30, rl_min_problems=8, rl_split="train"),
-    # quick keeps every constant in SFT: 1200 steps are too few to learn copying with a quarter fewer
+    # quick keeps every constant in SFT: 1200 steps are too few to learn copying with a third fewer
     # constants per template (the full recipe's 1500 steps scored 0.02; see docs/MINI_REPRO.md)
     "tiny": Settings(n_train=300, n_rl_pool=16, n_heldout_constants=6, n_heldout_templates=4, stdlib_bytes=20_000,
                      vocab_size=400, pretrain_iters=4, sft_iters=4, rl_iters=2, rl_select_samples=2,
