@@ -44,6 +44,7 @@ ARMS = ("sft", "coupled_grpo", "d1_grpo", "sft_continued")
 # gave 0/40 training problems (the model wrote its most frequent function name and wrong constants);
 # 1000 steps on 29 templates gave 3/40 with the 1/t weighting and 7/40 without (see docs/MINI_REPRO.md).
 MINI_CONTEXTS = "op_scalar,op_map,pred_scalar,pred_filter,sop_scalar,sop_map"
+RL_SPLITS = ("rl_constants", "train")  # Settings.rl_split: the first reserves its constants from SFT
 
 
 @dataclass
@@ -209,7 +210,7 @@ class Run:
 
         s = self.s
         ctx = self.contexts
-        train = tasks.generate("train", s.n_train, s.seed, contexts=ctx, reserve_rl=s.rl_split == "rl_constants")
+        train = tasks.generate("train", s.n_train, s.seed, contexts=ctx, reserve_rl=s.rl_split == RL_SPLITS[0])
         pool = tasks.generate(s.rl_split, s.n_rl_pool, s.seed, prefix="rlpool", contexts=ctx)
         hc = tasks.generate("heldout_constants", s.n_heldout_constants, s.seed, contexts=ctx)
         ht = tasks.generate("heldout_templates", s.n_heldout_templates, s.seed, contexts=ctx)
@@ -480,8 +481,8 @@ def main(argv=None) -> int:
         s = replace(s, **{k: type(getattr(s, k))(v)})
     if s.bf16 not in ("on", "off", "auto"):
         raise SystemExit(f"error: --set bf16={s.bf16}: use on, off or auto")
-    if s.rl_split not in ("rl_constants", "train"):
-        raise SystemExit(f"error: --set rl_split={s.rl_split}: use rl_constants or train")
+    if s.rl_split not in RL_SPLITS:
+        raise SystemExit(f"error: --set rl_split={s.rl_split}: use one of {', '.join(RL_SPLITS)}")
     if s.bf16 == "auto":  # resolved here, so that settings.json records what the run used
         s = replace(s, bf16="on" if cpu_has_bf16() else "off")
     out = a.out or os.path.join(REPO, "runs", "mini_repro" if mode == "full" else f"mini_repro_{mode}")

@@ -397,15 +397,15 @@ def generate(split: str, n: int, seed: int = 0, prefix: str = "mini",
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: choose one of {SPLITS}")
     rng = random.Random(f"{seed}/{split}/{prefix}")
+    member: Callable[[str, tuple], bool]  # (template, constants) -> whether the problem belongs to `split`
     if split == "train":
-        in_train = is_train_constants if reserve_rl else (lambda t, c: not is_heldout_constants(t, c))
-        pool, accept = train_templates(contexts), (lambda t: (lambda c: in_train(t, c)))
+        pool = train_templates(contexts)
+        member = is_train_constants if reserve_rl else (lambda t, c: not is_heldout_constants(t, c))
     elif split in ("heldout_constants", "rl_constants"):
         pool = [t for t in train_templates(contexts) if has_constants(t)]
         member = is_heldout_constants if split == "heldout_constants" else is_rl_constants
-        accept = (lambda t: (lambda c: member(t, c)))
     else:
-        pool, accept = heldout_templates(contexts), (lambda t: (lambda c: True))
+        pool, member = heldout_templates(contexts), (lambda t, c: True)
     if not pool:
         raise ValueError(f"no {split} templates in contexts {list(contexts or [])}")
     out: list[Task] = []
@@ -417,7 +417,7 @@ def generate(split: str, n: int, seed: int = 0, prefix: str = "mini",
             order = list(pool)
             rng.shuffle(order)
         t = order.pop()
-        task = make_task(t, rng, f"{prefix}/{split}/{len(out)}", split, accept(t))
+        task = make_task(t, rng, f"{prefix}/{split}/{len(out)}", split, lambda c, t=t: member(t, c))
         i += 1
         if task.solution in seen and i < 50 * n:
             continue

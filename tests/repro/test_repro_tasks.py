@@ -56,36 +56,39 @@ def test_rl_split_is_unseen_in_training_and_disjoint_from_the_heldout_constants(
         assert {v for (tp, (k, v)) in primary(train) if tp == template} <= dom - held - rlv
 
 
-# sha256 of the held-out problems (full mode's sizes and contexts) recorded before the RL split existed:
-# reserving RL values must not change a single evaluation problem
-HELDOUT_SHA = {"heldout_constants": "47e9ca8b013cbaec", "heldout_templates": "dda9448c4f10f60b"}
+# sha256 (16 hex) of problems generated with the full mode's contexts, recorded with the generator
+# before the RL split existed: reserving RL values must not change a single evaluation problem, and
+# reserve_rl=False must give back that generator's training problems
+SHA_BEFORE_RL_SPLIT = {"heldout_constants": "47e9ca8b013cbaec", "heldout_templates": "dda9448c4f10f60b",
+                       "train": "933aaed4ec329d60"}
+
+
+def _mini_problems(split: str, n: int, **kw) -> list:
+    from megatron_diffu.repro.mini import MINI_CONTEXTS
+
+    return tasks.generate(split, n, 0, contexts=MINI_CONTEXTS.split(","), **kw)
+
+
+def _sha(problems: list) -> str:
+    import hashlib
+    import json
+
+    recs = [t.to_record() for t in problems]
+    return hashlib.sha256(json.dumps(recs, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @pytest.mark.parametrize("split,n", [("heldout_constants", 120), ("heldout_templates", 80)])
 def test_heldout_problems_are_those_of_the_runs_before_the_rl_split(split, n):
-    import hashlib
-    import json
-
-    from megatron_diffu.repro.mini import MINI_CONTEXTS
-
-    recs = [t.to_record() for t in tasks.generate(split, n, 0, contexts=MINI_CONTEXTS.split(","))]
-    assert hashlib.sha256(json.dumps(recs, sort_keys=True).encode()).hexdigest()[:16] == HELDOUT_SHA[split]
+    assert _sha(_mini_problems(split, n)) == SHA_BEFORE_RL_SPLIT[split]
 
 
 def test_without_the_rl_reservation_the_train_split_is_that_of_the_runs_before():
     """reserve_rl=False (rl_split=train, --quick) reproduces the training problems of the generator
-    before the RL split, problem for problem (sha256 recorded with that generator)."""
-    import hashlib
-    import json
-
-    from megatron_diffu.repro.mini import MINI_CONTEXTS
-
-    recs = [t.to_record() for t in tasks.generate("train", 1000, 0, contexts=MINI_CONTEXTS.split(","), reserve_rl=False)]
-    assert hashlib.sha256(json.dumps(recs, sort_keys=True).encode()).hexdigest()[:16] == "933aaed4ec329d60"
-    reserved = tasks.generate("train", 1000, 0, contexts=MINI_CONTEXTS.split(","))
-    assert not any(tasks.is_rl_constants(t.template, t.constants) for t in reserved)
-    assert any(tasks.is_rl_constants(t.template, t.constants) for t in tasks.generate(
-        "train", 1000, 0, contexts=MINI_CONTEXTS.split(","), reserve_rl=False))
+    before the RL split, problem for problem; the default reserves every RL value."""
+    unreserved = _mini_problems("train", 1000, reserve_rl=False)
+    assert _sha(unreserved) == SHA_BEFORE_RL_SPLIT["train"]
+    assert any(tasks.is_rl_constants(t.template, t.constants) for t in unreserved)
+    assert not any(tasks.is_rl_constants(t.template, t.constants) for t in _mini_problems("train", 1000))
 
 
 def _programs(task: tasks.Task, code: str):
