@@ -22,6 +22,15 @@ from megatron_diffu.execution.protocol import extract_code
 
 
 # ----------------------------------------------------------------------------- statistics
+def trailing_mean(values: Sequence[float], window: int) -> list[float]:
+    """Mean of the last `window` values at each index (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> list[float]:
     """Percentile bootstrap interval of the mean of `values` (one value per problem)."""
     v = np.asarray(values, dtype=float)

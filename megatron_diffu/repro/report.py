@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from megatron_diffu.common.atomic import atomic_path, atomic_write_json, atomic_write_text
+from megatron_diffu.repro.evaluate import trailing_mean
 from megatron_diffu.repro.seeds import draw_seed_losses, seed_markdown, seed_rows, spread
 
 ARMS = ("sft", "coupled_grpo", "d1_grpo", "sft_continued")
@@ -101,14 +102,21 @@ def write_report(run: Any) -> dict:
     return {"report": run.path("report.json")}
 
 
+REWARD_WINDOW = 20  # GRPO iterations (10 rollouts at num_iterations 2) per point of the reward trend
+
+
 def _pngs(run: Any, curves: dict, arness: dict) -> None:
     if any(curves.values()):
         def draw_rewards(ax):
+            # each step's mean reward is set by which few prompts it drew; the trailing mean shows the trend
             for arm, pts in curves.items():
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=arm)
+                    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+                    line, = ax.plot(xs, ys, ".", alpha=0.35)
+                    ax.plot(xs, trailing_mean(ys, REWARD_WINDOW), color=line.get_color(),
+                            label=f"{arm} (trailing mean of {REWARD_WINDOW})")
             ax.set_xlabel("GRPO iteration"), ax.set_ylabel("mean reward (2 pass_rate + 0.5 format)")
-            ax.set_title("reward per arm (sft_continued: no reward; SFT loss only)")
+            ax.set_title("reward per arm (dots: steps; sft_continued: no reward)")
             ax.legend()
         _plot(run.path("reward_curves.png"), draw_rewards)
     if arness:

@@ -9,6 +9,8 @@ import os
 import statistics
 from typing import Any
 
+from megatron_diffu.repro.evaluate import trailing_mean
+
 SEED_STAGE_PREFIX = "sft_seed"
 LOSS_TAIL_STEPS = 500
 
@@ -96,8 +98,7 @@ def draw_seed_losses(ax, run: Any, rows: list[dict], window: int = 50) -> None:
     for r in rows:
         pts = _losses(run.path("logs", f"{r['arm']}_train.log.jsonl"))
         ys = [y for _, y in pts]
-        smooth = [statistics.fmean(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
-        ax.plot([x for x, _ in pts], smooth, label=f"seed {r['seed']}: pass@1 {r['pass@1']:.3f}")
+        ax.plot([x for x, _ in pts], trailing_mean(ys, window), label=f"seed {r['seed']}: pass@1 {r['pass@1']:.3f}")
     ax.set_yscale("log"), ax.set_xlabel("SFT iteration"), ax.set_ylabel(f"SFT loss (mean of {window} steps)")
     ax.set_title("SFT loss by seed (same data, pretraining and recipe)")
     ax.legend(fontsize=7)

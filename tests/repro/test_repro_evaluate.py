@@ -32,3 +32,10 @@ def test_pass_at_k_summaries_per_split():
     p = ev.pass1_summary(one, {"t0": "a", "t1": "a", "t2": "b", "t3": "b"})
     assert p["pass@1"] == 0.5 and p["n"] == 4
     assert p["splits"]["a"]["pass@1"] == 1.0 and p["splits"]["b"]["pass@1"] == 0.0
+
+
+def test_reward_trend_is_the_plain_trailing_mean():
+    values = [0.9375, 0.8125, 1.34375, 0.625, 1.4375, 0.5703125, 1.0625]
+    for w in (1, 3, 20):
+        want = [sum(values[max(0, i - w + 1):i + 1]) / len(values[max(0, i - w + 1):i + 1]) for i in range(len(values))]
+        assert all(abs(a - b) < 1e-12 for a, b in zip(ev.trailing_mean(values, w), want))
