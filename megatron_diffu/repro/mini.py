@@ -30,7 +30,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -468,17 +468,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mode", choices=sorted(SETTINGS), default=None, help="full | quick | tiny (smoke test)")
     p.add_argument("--out", default=None, help="output folder (default runs/mini_repro, runs/mini_repro_quick)")
     p.add_argument("--only", nargs="*", default=None, help="run only these stages (others must be done)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a Settings field")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override Settings fields (repeatable: --set a=1 b=2 and --set a=1 --set b=2 both keep both)")
     return p.parse_args(argv)
+
+
+def apply_overrides(s: Settings, pairs: list[str]) -> Settings:
+    """`KEY=VALUE` overrides of Settings fields, each value parsed as the field's type; a malformed
+    pair, an unknown key or a value of the wrong type stops with an error naming it."""
+    types = {f.name: type(getattr(s, f.name)) for f in fields(s)}
+    for kv in pairs:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --set {kv!r}: expected KEY=VALUE")
+        if k not in types:
+            raise SystemExit(f"error: --set {k}: not a setting; choose one of {', '.join(sorted(types))}")
+        try:
+            s = replace(s, **{k: types[k](v)})
+        except ValueError:
+            raise SystemExit(f"error: --set {kv}: {k} takes a {types[k].__name__}") from None
+    return s
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
     mode = a.mode or ("quick" if a.quick else "full")
-    s = SETTINGS[mode]
-    for kv in a.set:
-        k, v = kv.split("=", 1)
-        s = replace(s, **{k: type(getattr(s, k))(v)})
+    s = apply_overrides(SETTINGS[mode], a.set)
     if s.bf16 not in ("on", "off", "auto"):
         raise SystemExit(f"error: --set bf16={s.bf16}: use on, off or auto")
     if s.rl_split not in RL_SPLITS:

@@ -47,3 +47,19 @@ def test_eta_scale_comes_from_the_stages_big_enough_to_time_the_machine():
     stage_s = {"data": 10.0, "pretrain": 200.0, "sft": 855.0}
     want = (200.0 + 855.0) / ((mini.PLAN["pretrain"] + mini.PLAN["sft"]) * budget)
     assert mini.plan_scale(stage_s, budget) == pytest.approx(want)
+
+
+def test_set_overrides_accumulate_and_parse_each_fields_type():
+    """`--set a=1 b=2` and `--set a=1 --set b=2` both keep both (argparse's plain nargs would keep
+    only the last --set); values take the field's type."""
+    for argv in (["--set", "seed=3", "sft_iters=7"], ["--set", "seed=3", "--set", "sft_iters=7"]):
+        s = mini.apply_overrides(mini.SETTINGS["quick"], mini.parse_args(argv).set)
+        assert (s.seed, s.sft_iters, s.rl_iters) == (3, 7, mini.SETTINGS["quick"].rl_iters)
+    assert mini.apply_overrides(mini.SETTINGS["full"], ["contexts=op_map"]).contexts == "op_map"
+
+
+@pytest.mark.parametrize("pair, message", [("seed", "expected KEY=VALUE"), ("sed=1", "sed: not a setting"),
+                                            ("seed=one", "seed takes a int")])
+def test_set_rejects_a_malformed_pair_an_unknown_key_and_a_wrong_type(pair, message):
+    with pytest.raises(SystemExit, match=message):
+        mini.apply_overrides(mini.SETTINGS["full"], [pair])
