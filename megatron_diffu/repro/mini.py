@@ -126,6 +126,19 @@ def log(msg: str) -> None:
     print(f"[mini {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def settings_flags(s: Settings, grpo: bool) -> list[str]:
+    """The settings' extra flags of a training stage (train_flags, and grpo_flags for GRPO)."""
+    return s.train_flags.split() + (s.grpo_flags.split() if grpo else [])
+
+
+def grpo_flags(run: "Run", estimator: str) -> list[str]:
+    """The GRPO arms' configuration flags (no checkpoint or log paths; the gradient probe reuses them)."""
+    s = run.s
+    return ["--config", os.path.join(CONFIGS, "grpo.yaml"), "--data-path", run.path("data", "rl.jsonl"),
+            *run.tok_flags(), "--estimator", estimator, "--seq-length", str(s.rl_seq_length),
+            "--train-iters", str(s.rl_iters), "--max-new-tokens", str(s.max_new_tokens), "--steps", str(s.steps)]
+
+
 class Run:
     def __init__(self, out: str, mode: str, settings: Settings, python: str = sys.executable) -> None:
         self.out, self.mode, self.s, self.python = os.path.abspath(out), mode, settings, python
@@ -158,8 +171,7 @@ class Run:
         """Run a tool or training stage (training stages get bf16 and train_flags; `last` comes after
         them, so that it wins over a flag of train_flags: a seed stage's --seed)."""
         if "-m" in args and any(a.startswith("megatron_diffu.") for a in args):
-            args = args + (["--bf16"] if self.s.bf16 == "on" else []) + self.s.train_flags.split() \
-                + (self.s.grpo_flags.split() if "megatron_diffu.grpo" in args else [])
+            args = args + (["--bf16"] if self.s.bf16 == "on" else []) + settings_flags(self.s, "megatron_diffu.grpo" in args)
         args = args + list(last)
         logf = self.path("logs", log_name + ".log")
         os.makedirs(os.path.dirname(logf), exist_ok=True)
@@ -343,11 +355,8 @@ class Run:
 
     def _grpo(self, arm: str, estimator: str) -> dict:
         ck = self.ckpt(arm)
-        self.sh([self.python, "-m", "megatron_diffu.grpo", "--config", os.path.join(CONFIGS, "grpo.yaml"),
-                 "--data-path", self.path("data", "rl.jsonl"), *self.tok_flags(), "--estimator", estimator, "--seq-length", str(self.s.rl_seq_length),
-                 "--train-iters", str(self.s.rl_iters), *self._finetune_flags(ck, self.ckpt("sft")),
-                 "--max-new-tokens", str(self.s.max_new_tokens), "--steps", str(self.s.steps),
-                 "--save-interval", str(max(1, min(20, self.s.rl_iters))),
+        self.sh([self.python, "-m", "megatron_diffu.grpo", *grpo_flags(self, estimator),
+                 *self._finetune_flags(ck, self.ckpt("sft")), "--save-interval", str(max(1, min(20, self.s.rl_iters))),
                  "--log-file", self.path("logs", f"{arm}_train.log")], arm)
         return {"iters": self.s.rl_iters, "estimator": estimator, "checkpoint": ck,
                 "log": self.path("logs", f"{arm}_train.log.jsonl")}

@@ -153,8 +153,15 @@ def combine_copies(batch: CoupledBatch, token_logp: torch.Tensor, estimator: Est
     t = batch.noise.t.to(token_logp.dtype)[:, None]
     if estimator == "single":
         return (per_copy[0] + 2.0 * per_copy[1] / t) / 2.0
-    # Copy 1 is nonzero only where R < t, copy 2 only where R >= t (complementary masks).
-    return (per_copy[0] + per_copy[1] / t + per_copy[2] / (1.0 - t)) / 2.0
+    full, pair = coupled_terms(per_copy, t)
+    return (full + pair) / 2.0
+
+
+def coupled_terms(per_copy: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coupled estimator's two terms [B, S] from its copies' log-probs [3, B, S]: log p(o_n | x_full)
+    and the complementary pair's 1/t-weighted log p(o_n | x_a or x_b); the estimate is their mean.
+    Copy 1 is nonzero only where R < t, copy 2 only where R >= t (complementary masks)."""
+    return per_copy[0], per_copy[1] / t + per_copy[2] / (1.0 - t)
 
 
 def coupled_from_logits(
