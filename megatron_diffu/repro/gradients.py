@@ -149,6 +149,10 @@ def build_trainer(run_dir: str, extra_flags: list[str]):
     s = Settings(**{f.name: saved[f.name] for f in dataclasses.fields(Settings) if f.name in saved})
     run = Run(run_dir, saved.get("mode", "full"), s)
     sft = run.ckpt("sft")
+    for need, stage in ((run.path("data", "rl.jsonl"), "select_rl"), (sft, "sft")):
+        if not os.path.exists(need):
+            raise SystemExit(f"error: {need} does not exist: run the {stage} stage of {run_dir} first "
+                             f"(python -m megatron_diffu.repro.mini --out {run_dir} --only ... {stage})")
     argv = [*grpo_flags(run, "coupled"), *settings_flags(s, grpo=True), "--load", sft, "--finetune", *extra_flags]
     cfg = GRPORunConfig.from_args(argv)
     cfg.checkpoint.save, cfg.checkpoint.save_interval = None, None  # grpo.yaml's interval needs a --save

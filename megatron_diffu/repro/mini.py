@@ -76,6 +76,7 @@ class Settings:
     bf16: str = "auto"              # training in bf16: on | off | auto (on where the CPU has bf16 dot products)
     train_flags: str = ""           # extra flags for every training stage (e.g. a smaller model for smoke tests)
     grpo_flags: str = ""            # extra flags for the GRPO stages
+    sft_flags: str = ""             # extra flags for the SFT stages (sft, sft_continued, SFT seeds)
     sft_seeds: str = ""             # comma-separated extra SFT seeds (stages sft_seed<N>): SFT again from the
     # pretraining checkpoint with `--seed N` (another data order and other masks), scored greedily on the
     # held-out problems; the spread of one recipe (one SFT run is one draw). Off by default: each seed
@@ -271,7 +272,7 @@ class Run:
         self.sh([self.python, "-m", "megatron_diffu.sft", "--config", self.sft_config,
                  "--data-path", self.path("data", "sft"), *self.tok_flags(), "--train-iters", str(iters),
                  *self._finetune_flags(ck, parent), "--save-interval", str(max(1, min(200, iters))),
-                 "--log-file", self.path("logs", f"{arm}_train.log"), *extra], arm, last)
+                 "--log-file", self.path("logs", f"{arm}_train.log"), *self.s.sft_flags.split(), *extra], arm, last)
         return {"iters": iters, "checkpoint": ck, "log": self.path("logs", f"{arm}_train.log.jsonl")}
 
     def stage_sft(self) -> dict:

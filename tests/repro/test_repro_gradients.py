@@ -81,3 +81,28 @@ def test_probe_reports_every_variant_against_d1(tmp_path):
     # d1 without prompt masking has no mask noise: every completion token is masked, nothing else
     assert res["mean"]["d1_no_prompt_mask"]["mask_noise"] < 1e-10
     assert "| coupled |" in gradients.format_table(res)
+
+
+def test_probe_builds_the_runs_grpo_trainer_from_its_sft_checkpoint(tmp_path):
+    """`--run DIR`: the GRPO arms' configuration and the run's SFT weights (a tiny run's data, pretraining, SFT and RL set)."""
+    import json
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(repo))
+    r = subprocess.run([sys.executable, "-m", "megatron_diffu.repro.mini", "--mode", "tiny", "--out", str(tmp_path),
+                        "--only", "data", "pretrain", "sft", "select_rl"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    out = tmp_path / "g.json"
+    assert gradients.main(["--run", str(tmp_path), "--rollouts", "1", "--mask-seeds", "2", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["mean"]) == set(gradients.VARIANTS) and res["rollouts"] == 1
+    tr, _ = gradients.build_trainer(str(tmp_path), [])
+    assert tr.cfg.grpo.estimator == "coupled" and tr.cfg.checkpoint.finetune and tr.cfg.checkpoint.save is None
+    from megatron_diffu.convert.loading import load_model_for_inference
+
+    sft, _ = load_model_for_inference(str(tmp_path / "checkpoints" / "sft"), device=torch.device("cpu"))
+    want = dict(sft.named_parameters())
+    for name, p in tr.model.named_parameters():  # the probe's model holds the SFT weights
+        assert torch.equal(p.detach().float(), want[name].detach().float()), name
