@@ -52,7 +52,7 @@ def _coupled_half(which: int) -> Callable:
         from megatron_diffu.parallel.cross_entropy import vocab_parallel_log_probs
 
         token_logp = vocab_parallel_log_probs(logits, batch.targets, tp).float()
-        full = torch.zeros(batch.logit_positions.shape, dtype=token_logp.dtype).masked_scatter(batch.logit_positions, token_logp)
+        full = torch.zeros(batch.logit_positions.shape, dtype=token_logp.dtype, device=token_logp.device).masked_scatter(batch.logit_positions, token_logp)
         t = batch.noise.t.to(token_logp.dtype)[:, None]
         return coupled_terms(full.view(batch.copies, -1, full.shape[-1]), t)[which] / 2.0
     return logp
