@@ -34,7 +34,7 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_diffu.rl.coupled import coupled_from_logits, coupled_terms
+from megatron_diffu.rl.coupled import coupled_from_logits, coupled_terms, per_copy_log_probs
 
 VARIANTS = ("coupled", "coupled_full_half", "coupled_pair_half", "d1", "d1_no_prompt_mask")
 REFERENCES = ("d1", "d1_no_prompt_mask")
@@ -52,9 +52,8 @@ def _coupled_half(which: int) -> Callable:
         from megatron_diffu.parallel.cross_entropy import vocab_parallel_log_probs
 
         token_logp = vocab_parallel_log_probs(logits, batch.targets, tp).float()
-        full = torch.zeros(batch.logit_positions.shape, dtype=token_logp.dtype, device=token_logp.device).masked_scatter(batch.logit_positions, token_logp)
         t = batch.noise.t.to(token_logp.dtype)[:, None]
-        return coupled_terms(full.view(batch.copies, -1, full.shape[-1]), t)[which] / 2.0
+        return coupled_terms(per_copy_log_probs(batch, token_logp), t)[which] / 2.0
     return logp
 
 

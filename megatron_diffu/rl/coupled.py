@@ -143,11 +143,16 @@ def build_coupled_batch(
     )
 
 
-def combine_copies(batch: CoupledBatch, token_logp: torch.Tensor, estimator: Estimator) -> torch.Tensor:
-    """Scatter per-row log-probs [N] back to [copies, B, S] and apply the estimator's formula -> [B, S]."""
+def per_copy_log_probs(batch: CoupledBatch, token_logp: torch.Tensor) -> torch.Tensor:
+    """Per-row log-probs [N] scattered back to [copies, B, S] (0 where a copy reads no log-prob)."""
     full = torch.zeros(batch.logit_positions.shape, dtype=token_logp.dtype, device=token_logp.device)
     full = full.masked_scatter(batch.logit_positions, token_logp)
-    per_copy = full.view(batch.copies, -1, full.shape[-1])
+    return full.view(batch.copies, -1, full.shape[-1])
+
+
+def combine_copies(batch: CoupledBatch, token_logp: torch.Tensor, estimator: Estimator) -> torch.Tensor:
+    """Apply the estimator's formula to the per-row log-probs [N] -> [B, S]."""
+    per_copy = per_copy_log_probs(batch, token_logp)
     if estimator == "d1":
         return per_copy[0]
     t = batch.noise.t.to(token_logp.dtype)[:, None]
