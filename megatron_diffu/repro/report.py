@@ -130,13 +130,19 @@ def _pngs(run: Any, curves: dict, arness: dict) -> None:
         _plot(run.path("decoding_order.png"), draw_order)
 
 
+def _mode_command(mode: str | None) -> str:
+    """The command of a run whose settings.json predates its "command" key (no overrides recorded)."""
+    flag = {"quick": " --quick", "tiny": " --mode tiny"}.get(mode or "", "")
+    return f"bash examples/mini_repro.sh{flag} (overrides, if any, not recorded)"
+
+
 def _markdown(report: dict, arness: dict, samplers: dict, sc: list) -> str:
     settings, data, sel = report["settings"], report["data"], report["rl_selection"]
     stages, comparisons = report["stages"], report["comparisons"]
     f = lambda x: "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))  # noqa: E731
     ci = lambda c: "-" if not c else f"[{c[0]:.3f}, {c[1]:.3f}]"  # noqa: E731
     md = [f"# Mini DiffuCoder reproduction ({settings.get('mode', '?')})", "",
-          f"Command: `bash examples/mini_repro.sh{ {'quick': ' --quick', 'tiny': ' --mode tiny'}.get(settings.get('mode'), '')}`  ",
+          f"Command: `{settings.get('command') or _mode_command(settings.get('mode'))}`  ",
           f"Machine: {settings.get('machine', '?')}  ", f"Wall time: {report['wall_s']:.0f} s", "",
           f"Tasks: {data.get('templates_train')} training templates, {data.get('templates_heldout')} held-out "
           f"templates; {data.get('n_train')} training problems; held-out: {data.get('n_heldout_constants')} new constants "

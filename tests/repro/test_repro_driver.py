@@ -1,6 +1,7 @@
 """The mini driver fails closed when the RL prompts are not the prompts SFT trained on (a system
 message SFT never saw made the first full run's GRPO arms roll out 4-13-token answers, pass rate 0)."""
 import json
+import shlex
 
 import pytest
 
@@ -63,3 +64,19 @@ def test_set_overrides_accumulate_and_parse_each_fields_type():
 def test_set_rejects_a_malformed_pair_an_unknown_key_and_a_wrong_type(pair, message):
     with pytest.raises(SystemExit, match=message):
         mini.apply_overrides(mini.SETTINGS["full"], [pair])
+
+
+@pytest.mark.parametrize("mode, argv", [("quick", []), ("quick", ["--set", "seed=3", "sft_flags=--weight-decay 3.0 --lr 1e-3"]),
+                                        ("full", ["--set", "contexts=", "bf16=off"]), ("tiny", ["--set", "rl_iters=5"])])
+def test_the_recorded_command_makes_the_same_settings(mode, argv):
+    """report.md's command, run again, must make the run it describes: every override survives, values
+    with spaces or empty values included, and a plain run's command carries no --set."""
+    flags = {"quick": ["--quick"], "tiny": ["--mode", "tiny"]}.get(mode, [])
+    a = mini.parse_args(flags + argv)
+    s = mini.apply_overrides(mini.SETTINGS[mode], a.set)
+    command = mini.reproducing_command(mode, s)
+    words = shlex.split(command)
+    assert words[:2] == ["bash", "examples/mini_repro.sh"] and ("--set" in words) == bool(argv)
+    again = mini.parse_args(words[2:])
+    assert (again.mode or ("quick" if again.quick else "full")) == mode
+    assert mini.apply_overrides(mini.SETTINGS[mode], again.set) == s

@@ -18,8 +18,11 @@ def _run(out, *extra, timeout=900):
 
 
 def test_data_stage_builds_disjoint_files(tmp_path):
-    r = _run(tmp_path, "--only", "data", timeout=300)
+    override = ("--set", "sft_flags=--lr 1e-3")  # read by SFT only: the data stage is unchanged
+    r = _run(tmp_path, "--only", "data", *override, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    assert settings["command"] == "bash examples/mini_repro.sh --mode tiny --set 'sft_flags=--lr 1e-3'"
     data = tmp_path / "data"
     for name in ("sp.model", "pretrain_text_document.bin", "sft_sft_document.bin", "problems_heldout_templates.jsonl"):
         assert (data / name).exists(), name
@@ -37,8 +40,10 @@ def test_data_stage_builds_disjoint_files(tmp_path):
     for r in recs["heldout_templates"]:  # no unseen-template solution reaches any training file
         assert json.dumps(r["canonical_solution"])[1:-1] not in corpus
     # a rerun skips the finished stage
-    again = _run(tmp_path, "--only", "data", timeout=120)
+    again = _run(tmp_path, "--only", "data", *override, timeout=120)
     assert "done already" in again.stdout
+    other = _run(tmp_path, "--only", "data", timeout=120)  # without the override: another run
+    assert other.returncode != 0 and "made with other settings (sft_flags)" in other.stderr
 
 
 @pytest.mark.slow
