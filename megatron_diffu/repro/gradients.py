@@ -20,7 +20,8 @@ and reports, averaged over the rollout batches:
     cos_seed    mean over pairs s != s' of cos(g_s, g_s')  (agreement of two single-seed steps)
 
 Variants: coupled (DiffuCoder's), its two halves alone (x_full; the 1/t-weighted complementary
-pair), d1 with the recipe's prompt masking, and d1 without it. The halves add up to coupled's
+pair), coupled with d1's prompt masking (option coupled_p_mask_prompt = d1's p_mask_prompt), d1 with
+the recipe's prompt masking, and d1 without it. The halves add up to coupled's
 gradient exactly (its estimate is their mean), which the tests check.
 """
 from __future__ import annotations
@@ -35,16 +36,17 @@ from typing import Callable, Optional
 import torch
 
 from megatron_diffu.rl.coupled import coupled_from_logits, coupled_terms, per_copy_log_probs
+from megatron_diffu.stages.grpo.config import GRPOConfig
 
-VARIANTS = ("coupled", "coupled_full_half", "coupled_pair_half", "d1", "d1_no_prompt_mask")
+VARIANTS = ("coupled", "coupled_full_half", "coupled_pair_half", "coupled_prompt_mask", "d1", "d1_no_prompt_mask")
 REFERENCES = ("d1", "d1_no_prompt_mask")
 
 
 @dataclass(frozen=True)
 class Variant:
     estimator: str                      # the batch's estimator (its noised copies)
-    p_mask_prompt: Optional[float]      # None: the recipe's
     logp: Callable                      # (batch, logits, tp_group) -> [B, S] log-prob estimate
+    overrides: tuple[tuple[str, float], ...] = ()  # GRPOConfig fields set for this variant (else the recipe's)
 
 
 def _coupled_half(which: int) -> Callable:
@@ -61,12 +63,14 @@ def _estimator(name: str) -> Callable:
     return lambda batch, logits, tp: coupled_from_logits(batch, logits, name, tp)[0]
 
 
+D1_P_MASK_PROMPT = GRPOConfig().p_mask_prompt  # d1's prompt masking probability (0.15)
 VARIANT_SPECS = {
-    "coupled": Variant("coupled", None, _estimator("coupled")),
-    "coupled_full_half": Variant("coupled", None, _coupled_half(0)),
-    "coupled_pair_half": Variant("coupled", None, _coupled_half(1)),
-    "d1": Variant("d1", None, _estimator("d1")),
-    "d1_no_prompt_mask": Variant("d1", 0.0, _estimator("d1")),
+    "coupled": Variant("coupled", _estimator("coupled")),
+    "coupled_full_half": Variant("coupled", _coupled_half(0)),
+    "coupled_pair_half": Variant("coupled", _coupled_half(1)),
+    "coupled_prompt_mask": Variant("coupled", _estimator("coupled"), (("coupled_p_mask_prompt", D1_P_MASK_PROMPT),)),
+    "d1": Variant("d1", _estimator("d1")),
+    "d1_no_prompt_mask": Variant("d1", _estimator("d1"), (("p_mask_prompt", 0.0),)),
 }
 
 
@@ -91,14 +95,16 @@ def policy_gradient(trainer, buf, inner: int, mask_token_id: int, variant: Varia
     from megatron_diffu.stages.grpo.logprobs import coupled_forward, coupled_micro_batch
 
     g = trainer.cfg.grpo
-    saved = (g.estimator, g.p_mask_prompt)
-    g.estimator = variant.estimator
-    g.p_mask_prompt = saved[1] if variant.p_mask_prompt is None else variant.p_mask_prompt
+    changes = (("estimator", variant.estimator), *variant.overrides)
+    saved = {name: getattr(g, name) for name, _ in changes}
     try:
+        for name, value in changes:
+            setattr(g, name, value)
         rows = range(0, buf.tokens.shape[0])
         batch = coupled_micro_batch(trainer, buf, rows, inner, mask_token_id, with_targets=False)
     finally:
-        g.estimator, g.p_mask_prompt = saved
+        for name, value in saved.items():
+            setattr(g, name, value)
     model = trainer.model
     logits = coupled_forward(model, batch, None)
     logp = variant.logp(batch["coupled"], logits, trainer.grid.tp_group)

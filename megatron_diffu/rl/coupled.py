@@ -11,7 +11,9 @@ coupled estimator of DiffuCoder (released code: `DiffuGRPOTrainer.forward_proces
     x_b:    maskable tokens with R_n >= t masked   (x_a, x_b complementary: each token masked in exactly one)
     logp_n = ( log p(o_n | x_full) + [R_n < t] log p(o_n | x_a) / t + [R_n >= t] log p(o_n | x_b) / (1 - t) ) / 2
 
-The prompt is never masked. The three copies of every sequence go through ONE forward, and the
+The prompt is never masked (option `coupled_p_mask_prompt` > 0, a deviation: every prompt token is
+masked with that probability, by one draw shared by the copies of a sequence, as d1 masks its
+prompt; log-probs are still read on the completion only). The three copies of every sequence go through ONE forward, and the
 head computes logits only where a log-prob is needed (`logit_positions`: all maskable positions
 of x_full, the masked ones of x_a and x_b, i.e. 2 rows per token instead of 3 full sequences).
 Log-probs come from `vocab_parallel_log_probs` on the vocab-sharded logits: the full vocabulary
@@ -81,11 +83,12 @@ def draw_noise(
     return CoupledNoise(t=t, r=r, mask_a=maskable & below, mask_b=maskable & ~below)
 
 
-def _prompt_noise(maskable: torch.Tensor, sample_index: torch.Tensor, mask_seed: int, p: float) -> torch.Tensor:
+def _prompt_noise(maskable: torch.Tensor, sample_index: torch.Tensor, mask_seed: int, p: float,
+                  purpose: str = "d1_prompt") -> torch.Tensor:
     """d1's random prompt masking: every non-maskable position masked with probability p."""
     if p <= 0:
         return torch.zeros_like(maskable, dtype=torch.bool)
-    r = torch.stack([torch.rand(maskable.shape[1], generator=keyed_generator(mask_seed, int(i), "d1_prompt")) for i in sample_index.tolist()])
+    r = torch.stack([torch.rand(maskable.shape[1], generator=keyed_generator(mask_seed, int(i), purpose)) for i in sample_index.tolist()])
     return (r.to(maskable.device) < p) & ~maskable.bool()
 
 
@@ -119,8 +122,10 @@ def build_coupled_batch(
     t_max: float = 0.8,
     per_sequence_t: bool = False,
     p_mask_prompt: float = 0.15,
+    coupled_p_mask_prompt: float = 0.0,
 ) -> CoupledBatch:
-    """Noised copies of `tokens` for one estimate (see the module docstring for each estimator)."""
+    """Noised copies of `tokens` for one estimate (see the module docstring for each estimator).
+    `p_mask_prompt` is d1's prompt masking, `coupled_p_mask_prompt` that of coupled and single."""
     if estimator not in _COPIES:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {sorted(_COPIES)}")
     maskable = maskable.bool()
@@ -130,8 +135,9 @@ def build_coupled_batch(
         positions = [maskable]
     else:
         noise = draw_noise(maskable, sample_index, mask_seed, t_min, t_max, per_sequence_t)
-        masks = [maskable, noise.mask_a] + ([noise.mask_b] if estimator == "coupled" else [])
-        positions = masks  # log-probs are only read where the copy is masked
+        positions = [maskable, noise.mask_a] + ([noise.mask_b] if estimator == "coupled" else [])
+        prompt = _prompt_noise(maskable, sample_index, mask_seed, coupled_p_mask_prompt, "coupled_prompt")
+        masks = [m | prompt for m in positions]  # log-probs are only read where the completion is masked
     copies = len(masks)
     input_ids = torch.cat([torch.where(m, torch.full_like(tokens, mask_id), tokens) for m in masks])
     logit_positions = torch.cat(positions)
@@ -209,6 +215,7 @@ def estimate_log_probs(
     t_max: float = 0.8,
     per_sequence_t: bool = False,
     p_mask_prompt: float = 0.15,
+    coupled_p_mask_prompt: float = 0.0,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-token log-prob estimates [B, S] fp32 (0 outside `maskable`) and optional entropy.
 
@@ -227,7 +234,7 @@ def estimate_log_probs(
             tokens[sl], maskable[sl], sample_index[sl], mask_seed, mask_id, estimator,
             None if attention_mask is None else attention_mask[sl],
             None if position_ids is None else position_ids[sl],
-            t_min, t_max, per_sequence_t, p_mask_prompt,
+            t_min, t_max, per_sequence_t, p_mask_prompt, coupled_p_mask_prompt,
         )
         logits = model(
             batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,

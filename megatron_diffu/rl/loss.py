@@ -127,6 +127,8 @@ def chunked_grpo_backward(
     attention_mask: Optional[torch.Tensor] = None,
     position_ids: Optional[torch.Tensor] = None,
     return_entropy: bool = False,
+    p_mask_prompt: float = 0.15,
+    coupled_p_mask_prompt: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Current-policy estimate + loss + backward, `chunk_size` sequences at a time.
 
@@ -147,6 +149,7 @@ def chunked_grpo_backward(
             model, tokens[sl], maskable[sl], sample_index[sl], mask_seed, mask_id, estimator,
             None if attention_mask is None else attention_mask[sl],
             None if position_ids is None else position_ids[sl], tp_group, None, return_entropy,
+            p_mask_prompt=p_mask_prompt, coupled_p_mask_prompt=coupled_p_mask_prompt,
         )
         out = grpo_loss(
             logp, advantages[sl], completion_mask[sl], None if old_logp is None else old_logp[sl],

@@ -67,6 +67,12 @@ def test_d1_gradient_is_the_plain_first_step_loss_and_coupled_is_the_sum_of_its_
     assert torch.allclose(whole, halves, rtol=1e-4, atol=1e-5 * float(whole.abs().max()))
     # other mask seeds give another coupled gradient (the masks are the noise the probe measures)
     assert not torch.allclose(whole, gradients.policy_gradient(tr, buf, 0, MASK, spec["coupled"]))
+    # coupled with prompt masking: the stage's option reaches the copies; at 0 it is DiffuCoder's coupled,
+    # and the recipe's setting is restored after every variant
+    no_prompt_mask = gradients.Variant("coupled", spec["coupled"].logp, (("coupled_p_mask_prompt", 0.0),))
+    assert torch.equal(gradients.policy_gradient(tr, buf, 1, MASK, no_prompt_mask), whole)
+    assert not torch.allclose(gradients.policy_gradient(tr, buf, 1, MASK, spec["coupled_prompt_mask"]), whole)
+    assert (tr.cfg.grpo.estimator, tr.cfg.grpo.coupled_p_mask_prompt) == ("coupled", 0.0)
 
 
 def test_probe_reports_every_variant_against_d1(tmp_path):

@@ -31,15 +31,19 @@ def make_batch():
     return tokens, maskable, torch.tensor([40, 41, 97])
 
 
-def plain_coupled(model, tokens, maskable, sample_index, mask_seed, t_min=0.2, t_max=0.8):
-    """The formula, written out: one t per mask seed, one R per (mask seed, sample, position)."""
+def plain_coupled(model, tokens, maskable, sample_index, mask_seed, t_min=0.2, t_max=0.8, p_prompt=0.0):
+    """The formula, written out: one t per mask seed, one R per (mask seed, sample, position); with
+    p_prompt > 0 each prompt token is masked in all three copies where its own uniform R' < p_prompt."""
     u = torch.rand((), generator=keyed_generator(mask_seed, -1, "coupled_t")).item()
     t = t_min + (t_max - t_min) * u
     out = torch.zeros(B, S)
     for b in range(B):
         r = torch.rand(S, generator=keyed_generator(mask_seed, int(sample_index[b]), "coupled_r"))
+        r_prompt = torch.rand(S, generator=keyed_generator(mask_seed, int(sample_index[b]), "coupled_prompt"))
         x_full, x_a, x_b = tokens[b].clone(), tokens[b].clone(), tokens[b].clone()
         for n in range(S):
+            if not maskable[b, n] and r_prompt[n] < p_prompt:
+                x_full[n] = x_a[n] = x_b[n] = MASK
             if maskable[b, n]:
                 x_full[n] = MASK
                 if r[n] < t:
@@ -67,6 +71,22 @@ def test_coupled_equals_plain_formula_for_fixed_seeds():
         want = plain_coupled(model, tokens, maskable, idx, mask_seed)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert (got[~maskable] == 0).all()
+
+
+def test_coupled_prompt_masking_masks_the_prompt_alike_in_every_copy():
+    """coupled_p_mask_prompt (a deviation from DiffuCoder) against the plain formula; d1's
+    p_mask_prompt leaves the coupled estimate alone, and p = 0 is DiffuCoder's estimate."""
+    model = tiny_model()
+    tokens, maskable, idx = make_batch()
+    with torch.no_grad():
+        masked, _ = estimate_log_probs(model, tokens, maskable, idx, 5, MASK, coupled_p_mask_prompt=0.5)
+        d1_option_only, _ = estimate_log_probs(model, tokens, maskable, idx, 5, MASK, p_mask_prompt=0.9)
+    torch.testing.assert_close(masked, plain_coupled(model, tokens, maskable, idx, 5, p_prompt=0.5), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(d1_option_only, plain_coupled(model, tokens, maskable, idx, 5), rtol=1e-5, atol=1e-5)
+    batch = build_coupled_batch(tokens, maskable, idx, 5, MASK, coupled_p_mask_prompt=0.5)
+    copies = (batch.input_ids.view(3, B, S) == MASK) & ~maskable
+    assert copies[0].any() and torch.equal(copies[0], copies[1]) and torch.equal(copies[0], copies[2])
+    assert batch.targets.numel() == 2 * int(maskable.sum())  # log-probs of the completion only
 
 
 def test_chunking_and_per_sample_keys_do_not_change_the_estimate():

@@ -32,6 +32,7 @@ class GRPOConfig(SectionConfig):
     coupled_t_min: float = 0.2
     coupled_t_max: float = 0.8
     p_mask_prompt: float = 0.15          # d1 estimator only
+    coupled_p_mask_prompt: float = 0.0   # coupled/single: prompt masking as d1's (0 = DiffuCoder's code; a deviation)
     logp_chunk_size: Optional[int] = None  # rows per forward of the old/ref passes (None: micro_batch_size)
     rollout_batch_size: Optional[int] = None  # rows per sampler call (None: all of this DP rank's rows)
     reward_funcs: list[str] = field(default_factory=lambda: ["pass_rate", "format"])
@@ -69,6 +70,9 @@ class GRPOConfig(SectionConfig):
             e.append(f"grpo.loss_normalization={self.loss_normalization!r}: choose one of {LOSS_NORMALIZATIONS}")
         if not 0 < self.coupled_t_min <= self.coupled_t_max < 1:
             e.append(f"grpo: need 0 < coupled_t_min <= coupled_t_max < 1, got {self.coupled_t_min}, {self.coupled_t_max}")
+        for name in ("p_mask_prompt", "coupled_p_mask_prompt"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                e.append(f"grpo.{name}={getattr(self, name)} is a probability: use a value in [0, 1]")
         if len(self.reward_funcs) != len(self.reward_weights) or not self.reward_funcs:
             e.append(f"grpo: reward_funcs {self.reward_funcs} and reward_weights {self.reward_weights} need one "
                      f"weight per function")

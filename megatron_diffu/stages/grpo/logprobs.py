@@ -32,7 +32,8 @@ def coupled_micro_batch(trainer, buf: RolloutBuffer, rows: range, inner: int, ma
     attn = None if bool(real.all()) else real.to(dev)
     cb = build_coupled_batch(buf.tokens[sl].to(dev), buf.maskable[sl].to(dev), buf.sample_index[sl],
                              mask_seed(trainer.cfg.data.seed, buf.rollout_index, inner), mask_token_id, g.estimator,
-                             attn, None, g.coupled_t_min, g.coupled_t_max, False, g.p_mask_prompt)
+                             attn, None, g.coupled_t_min, g.coupled_t_max, False, g.p_mask_prompt,
+                             g.coupled_p_mask_prompt)
     mb = {"tokens": cb.input_ids, "attention_mask": cb.attention_mask, "coupled": cb}
     if with_targets:
         old, ref = buf.old_logp[inner], buf.ref_logp[inner]
