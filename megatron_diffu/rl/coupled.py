@@ -13,9 +13,10 @@ coupled estimator of DiffuCoder (released code: `DiffuGRPOTrainer.forward_proces
 
 The prompt is never masked (option `coupled_p_mask_prompt` > 0, a deviation: every prompt token is
 masked with that probability, by one draw shared by the copies of a sequence, as d1 masks its
-prompt; log-probs are still read on the completion only). The three copies of every sequence go through ONE forward, and the
-head computes logits only where a log-prob is needed (`logit_positions`: all maskable positions
-of x_full, the masked ones of x_a and x_b, i.e. 2 rows per token instead of 3 full sequences).
+prompt; log-probs are still read on the completion only). The three copies of every sequence go
+through ONE forward, and the head computes logits only where a log-prob is needed
+(`logit_positions`: all maskable positions of x_full, the masked ones of x_a and x_b, i.e. 2 rows
+per token instead of 3 full sequences).
 Log-probs come from `vocab_parallel_log_probs` on the vocab-sharded logits: the full vocabulary
 is never gathered. `chunk_size` bounds memory by running the sequences in chunks
 (`rl/loss.py: chunked_grpo_backward` does the same for the current-policy pass under grad).
