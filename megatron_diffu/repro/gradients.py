@@ -36,7 +36,6 @@ from typing import Callable, Optional
 import torch
 
 from megatron_diffu.rl.coupled import coupled_from_logits, coupled_terms, per_copy_log_probs
-from megatron_diffu.stages.grpo.config import GRPOConfig
 
 VARIANTS = ("coupled", "coupled_full_half", "coupled_pair_half", "coupled_prompt_mask", "d1", "d1_no_prompt_mask")
 REFERENCES = ("d1", "d1_no_prompt_mask")
@@ -46,7 +45,8 @@ REFERENCES = ("d1", "d1_no_prompt_mask")
 class Variant:
     estimator: str                      # the batch's estimator (its noised copies)
     logp: Callable                      # (batch, logits, tp_group) -> [B, S] log-prob estimate
-    overrides: tuple[tuple[str, float], ...] = ()  # GRPOConfig fields set for this variant (else the recipe's)
+    # GRPOConfig fields set for this variant (else the recipe's): a value, or a function of the recipe's config
+    overrides: tuple[tuple[str, float | Callable], ...] = ()
 
 
 def _coupled_half(which: int) -> Callable:
@@ -63,12 +63,11 @@ def _estimator(name: str) -> Callable:
     return lambda batch, logits, tp: coupled_from_logits(batch, logits, name, tp)[0]
 
 
-D1_P_MASK_PROMPT = GRPOConfig().p_mask_prompt  # d1's prompt masking probability (0.15)
 VARIANT_SPECS = {
     "coupled": Variant("coupled", _estimator("coupled")),
     "coupled_full_half": Variant("coupled", _coupled_half(0)),
     "coupled_pair_half": Variant("coupled", _coupled_half(1)),
-    "coupled_prompt_mask": Variant("coupled", _estimator("coupled"), (("coupled_p_mask_prompt", D1_P_MASK_PROMPT),)),
+    "coupled_prompt_mask": Variant("coupled", _estimator("coupled"), (("coupled_p_mask_prompt", lambda g: g.p_mask_prompt),)),
     "d1": Variant("d1", _estimator("d1")),
     "d1_no_prompt_mask": Variant("d1", _estimator("d1"), (("p_mask_prompt", 0.0),)),
 }
@@ -95,7 +94,7 @@ def policy_gradient(trainer, buf, inner: int, mask_token_id: int, variant: Varia
     from megatron_diffu.stages.grpo.logprobs import coupled_forward, coupled_micro_batch
 
     g = trainer.cfg.grpo
-    changes = (("estimator", variant.estimator), *variant.overrides)
+    changes = [("estimator", variant.estimator)] + [(name, v(g) if callable(v) else v) for name, v in variant.overrides]
     saved = {name: getattr(g, name) for name, _ in changes}
     try:
         for name, value in changes:

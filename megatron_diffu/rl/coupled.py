@@ -86,7 +86,8 @@ def draw_noise(
 
 def _prompt_noise(maskable: torch.Tensor, sample_index: torch.Tensor, mask_seed: int, p: float,
                   purpose: str = "d1_prompt") -> torch.Tensor:
-    """d1's random prompt masking: every non-maskable position masked with probability p."""
+    """d1's random prompt masking (also coupled's option): every non-maskable position masked with
+    probability p, one uniform per (mask seed, sample, position) from the `purpose` stream."""
     if p <= 0:
         return torch.zeros_like(maskable, dtype=torch.bool)
     r = torch.stack([torch.rand(maskable.shape[1], generator=keyed_generator(mask_seed, int(i), purpose)) for i in sample_index.tolist()])

@@ -73,6 +73,11 @@ def test_d1_gradient_is_the_plain_first_step_loss_and_coupled_is_the_sum_of_its_
     assert torch.equal(gradients.policy_gradient(tr, buf, 1, MASK, no_prompt_mask), whole)
     assert not torch.allclose(gradients.policy_gradient(tr, buf, 1, MASK, spec["coupled_prompt_mask"]), whole)
     assert (tr.cfg.grpo.estimator, tr.cfg.grpo.coupled_p_mask_prompt) == ("coupled", 0.0)
+    # its probability is the recipe's d1 prompt masking, read when the probe runs
+    tr.cfg.grpo.p_mask_prompt = 0.3
+    explicit = gradients.Variant("coupled", spec["coupled"].logp, (("coupled_p_mask_prompt", 0.3),))
+    assert torch.equal(gradients.policy_gradient(tr, buf, 1, MASK, spec["coupled_prompt_mask"]),
+                       gradients.policy_gradient(tr, buf, 1, MASK, explicit))
 
 
 def test_probe_reports_every_variant_against_d1(tmp_path):
